@@ -31,6 +31,74 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import ExportOptions, export_checkpoint
+
+    opts = ExportOptions(dtype=args.dtype, logits=args.logits, attention_op=args.attention_op, max_chunk=args.max_chunk)
+    man = export_checkpoint(args.model_dir, args.output, opts, overwrite=args.overwrite)
+    ops = sum(man.decode_ops_per_layer.values())
+    print(
+        f"wrote {args.output}: flavor {man.flavor} (opset {man.opset}), {man.dtype}, logits {man.logits}, "
+        f"{man.num_layers} layers, {ops:.0f} nodes per layer, decay {man.decay}, {man.export_seconds:.0f}s"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runtime import Generator
+
+    gen = Generator.from_pretrained(args.onnx_dir, threads=args.threads)
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise DiJiangError("give --prompt TEXT (or pipe the prompt on standard input)")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise DiJiangError("empty prompt: give some text with --prompt")
+    events = gen.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        chat=args.chat,
+        stream=True,
+        stop=args.stop,
+    )
+    import time
+
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for ev in events:
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    prompt_tokens = len(gen.encode(prompt, args.chat))
+    prefill = (first or end) - start
+    decode = end - (first or end)
+    print(
+        f"\n[prompt {prompt_tokens} tokens, prefill {prompt_tokens / prefill if prefill else 0:.1f} tok/s; "
+        f"generated {count} tokens, decode {(count - 1) / decode if decode and count > 1 else 0:.1f} tok/s; "
+        f"state {gen.backend.state_nbytes() / 2**20:.2f} MiB]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.onnx_dir, args.reference, tokens=args.tokens, tolerance=args.tolerance)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
     def handler(_args: argparse.Namespace) -> int:
         raise DiJiangError(f"'{name}' is not available yet in this version ({issue})")
@@ -67,16 +135,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="export a DiJiang checkpoint to an ONNX step graph")
-    p.set_defaults(func=_not_yet("export", "ONNX export lands with issue #3"))
+    p.add_argument("model_dir", help="DiJiang checkpoint folder")
+    p.add_argument("-o", "--output", required=True, help="export folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights/activations (state stays fp32)")
+    p.add_argument("--logits", default="last", choices=["last", "all"], help="last position only, or all (scoring)")
+    p.add_argument(
+        "--attention-op",
+        default="linear-attention",
+        choices=["linear-attention", "function", "plugin"],
+        help="how the recurrence appears in the graph (see plugins/README.md)",
+    )
+    p.add_argument("--max-chunk", type=int, default=64, help="prefill chunk length the runtime feeds")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("build", help="build a TensorRT engine from an exported ONNX folder")
     p.set_defaults(func=_not_yet("build", "the TensorRT builder lands with issue #4"))
 
     p = sub.add_parser("run", help="generate text from an exported model")
-    p.set_defaults(func=_not_yet("run", "the runtime lands with issue #3"))
+    p.add_argument("onnx_dir", help="export folder")
+    p.add_argument("--prompt", help="prompt text (default: standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser("verify", help="compare an export against the PyTorch reference")
-    p.set_defaults(func=_not_yet("verify", "verification lands with issue #3"))
+    p.add_argument("onnx_dir", help="export folder")
+    p.add_argument("--reference", required=True, help="the DiJiang checkpoint folder it came from")
+    p.add_argument("--tokens", type=int, default=200, help="random tokens to score")
+    p.add_argument("--tolerance", type=float, help="max abs logit difference (default 1e-4 fp32, 0.5 fp16)")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("bench", help="benchmark decode/prefill speed and memory against baselines")
     p.set_defaults(func=_not_yet("bench", "benchmarks land with issue #5"))

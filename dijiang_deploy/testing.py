@@ -67,8 +67,13 @@ def random_base(family: str = "gpt_neox", seed: int = 0, **overrides: Any) -> Ba
     for name, value in model.state_dict().items():
         if name.endswith(leaves):
             continue
-        # Small weights keep logits in a range where float32 parity is meaningful.
-        tensors[name] = (value * 0.5 if name.endswith("weight") and value.dim() == 2 else value).clone()
+        # Embeddings at a realistic scale (std 0.05, like HF's initializer
+        # range) keep logits O(1), so absolute float32 tolerances mean something.
+        if name.endswith(("embed_in.weight", "embed_tokens.weight")):
+            value = value * 0.05
+        elif name.endswith("weight") and value.dim() == 2:
+            value = value * 0.5
+        tensors[name] = value.clone()
     return BaseModel(raw, tensors, f"random tiny {family} seed {seed}")
 
 

@@ -216,14 +216,33 @@ class DiJiangForCausalLM(nn.Module):
             state = self.new_state(input_ids.shape[0])
         elif state.position.shape[0] != input_ids.shape[0]:
             raise ValueError(f"state is for batch {state.position.shape[0]}, input_ids for {input_ids.shape[0]}")
+        self.check_positions(self.positions_for(input_ids, state, attention_mask), attention_mask)
+        return self.step(input_ids, state, attention_mask, mode, chunk_size, core)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        state: DiJiangState,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "chunked",
+        chunk_size: int = 64,
+        core: Recurrence | None = None,
+        last_logits_only: bool = False,
+    ) -> DiJiangOutput:
+        """:meth:`forward` without input validation (traced by the exporter).
+
+        ``last_logits_only`` applies the final norm and LM head to the last
+        position only, returning ``logits [B, 1, V]``.
+        """
         positions = self.positions_for(input_ids, state, attention_mask)
-        self.check_positions(positions, attention_mask)
         cos, sin = self.rotary(positions)
         h = self.body.embed(input_ids)
         new_layers = []
         for layer, layer_state in zip(self.body.layers, state.layers):
             h, s = layer(h, cos, sin, positions, attention_mask, layer_state, mode, chunk_size, core)
             new_layers.append(s)
+        if last_logits_only:
+            h = h[:, -1:]
         logits = self.head(self.body.final_norm(h))
         advanced = input_ids.shape[1] if attention_mask is None else attention_mask.to(torch.int64).sum(1)
         return DiJiangOutput(logits, DiJiangState(new_layers, state.position + advanced))

@@ -1,0 +1,250 @@
+"""Export a DiJiang model into one ONNX step graph that carries the state.
+
+Inputs: ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64 (0 =
+padding), ``past_position [B]`` int64 (real tokens already consumed per row),
+``past_state.{i} [B, H, d, d]`` float32. Outputs: ``logits`` (``[B, 1, V]``
+or ``[B, L, V]``) and ``present_state.{i}``. ``L = 1`` is decode, ``L > 1`` a
+prefill chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..atomic import atomic_dir
+from ..checkpoint import TOKENIZER_FILES, load_model
+from ..errors import DiJiangError, ExportError
+from ..modeling.model import DiJiangForCausalLM, DiJiangState
+from . import ops
+from .flavors import FLAVORS, apply_flavor
+from .manifest import MANIFEST_NAME, Manifest, TensorSpec, decode_op_counts
+from .schema import OP_TYPE, PORTABLE_OPSET, STANDARD_OPSET, register_schema
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+#: Above this size weights go to an external data file (protobuf caps at 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@dataclass
+class ExportOptions:
+    """What to export.
+
+    Attributes:
+        dtype: ``fp32`` or ``fp16`` weights/activations; the recurrence and
+            its state stay float32 either way.
+        logits: ``last`` (``[B, 1, V]``, generation) or ``all`` (scoring).
+        attention_op: ``linear-attention``, ``function`` or ``plugin``.
+        max_chunk: the prefill chunk length the runtime should feed.
+    """
+
+    dtype: str = "fp32"
+    logits: str = "last"
+    attention_op: str = "linear-attention"
+    max_chunk: int = 64
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "fp16"):
+            raise DiJiangError(f"--dtype must be fp32 or fp16, got {self.dtype!r}")
+        if self.logits not in ("last", "all"):
+            raise DiJiangError(f"--logits must be last or all, got {self.logits!r}")
+        if self.attention_op not in FLAVORS:
+            raise DiJiangError(f"--attention-op must be one of {', '.join(FLAVORS)}, got {self.attention_op!r}")
+        if not 1 <= self.max_chunk <= 4096:
+            raise DiJiangError(f"--max-chunk must be in 1..4096, got {self.max_chunk}")
+
+
+class StepGraph(nn.Module):
+    """The traced step: (tokens, mask, positions, states) -> (logits, states)."""
+
+    def __init__(self, model: DiJiangForCausalLM, options: ExportOptions):
+        super().__init__()
+        self.model = model
+        self.last_only = options.logits == "last"
+        self.core = ops.packed_core(options.max_chunk)
+
+    def forward(self, input_ids, attention_mask, past_position, *past_state):
+        state = DiJiangState(list(past_state), past_position)
+        out = self.model.step(
+            input_ids, state, attention_mask, core=self.core, last_logits_only=self.last_only
+        )
+        return (out.logits, *out.state.layers)
+
+
+def io_specs(model: DiJiangForCausalLM, options: ExportOptions) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    cfg = model.config
+    act = "float16" if options.dtype == "fp16" else "float32"
+    state = ["batch", *cfg.state_shape]
+    inputs = [
+        TensorSpec("input_ids", ["batch", "sequence"], "int64"),
+        TensorSpec("attention_mask", ["batch", "sequence"], "int64"),
+        TensorSpec("past_position", ["batch"], "int64"),
+    ] + [TensorSpec(f"past_state.{i}", state, "float32") for i in range(cfg.num_layers)]
+    logits_len = 1 if options.logits == "last" else "sequence"
+    outputs = [TensorSpec("logits", ["batch", logits_len, cfg.vocab_size], act)] + [
+        TensorSpec(f"present_state.{i}", state, "float32") for i in range(cfg.num_layers)
+    ]
+    return inputs, outputs
+
+
+def trace(model: DiJiangForCausalLM, options: ExportOptions) -> onnx.ModelProto:
+    """Trace ``model`` with the torch dynamo exporter into an ONNX model.
+
+    The recurrence is left as one ``DiJiangLinearAttention`` node per layer.
+    """
+    register_schema()
+    cfg = model.config
+    dtype = torch.float16 if options.dtype == "fp16" else torch.float32
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).cast(dtype)
+    graph = StepGraph(model, options)
+    batch, seq = 2, 3
+    example = (
+        torch.ones(batch, seq, dtype=torch.int64),
+        torch.ones(batch, seq, dtype=torch.int64),
+        torch.zeros(batch, dtype=torch.int64),
+        *(torch.zeros(batch, *cfg.state_shape) for _ in range(cfg.num_layers)),
+    )
+    b = torch.export.Dim("batch", min=1, max=1024)
+    s = torch.export.Dim("sequence", min=1, max=8192)
+    # *past_state is one varargs entry for torch.export: its shapes go in one tuple.
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b}, tuple({0: b} for _ in range(cfg.num_layers)))
+    inputs, outputs = io_specs(model, options)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            example,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=[t.name for t in inputs],
+            output_names=[t.name for t in outputs],
+            opset_version=PORTABLE_OPSET,
+            custom_translation_table=ops.translation_table(),
+            optimize=True,
+            verbose=False,
+        )
+    quiet.setLevel(level)
+    return program.model_proto
+
+
+def checkpoint_sha256(folder: Path) -> str:
+    """Hash of config.json and the weight files: ties an export to its source."""
+    digest = hashlib.sha256()
+    names = ["config.json"] + sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    for name in names:
+        digest.update(name.encode())
+        with open(folder / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(
+    model: DiJiangForCausalLM,
+    out_dir: str | Path,
+    options: ExportOptions | None = None,
+    tokenizer_dir: str | Path | None = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export ``model`` into ``out_dir`` (atomically) and return its manifest."""
+    options = options or ExportOptions()
+    options.validate()
+    started = time.time()
+    proto = trace(model, options)
+    apply_flavor(proto, options.attention_op)
+    _fix_io_types(proto, *io_specs(model, options))
+    if options.attention_op != "linear-attention":
+        onnx.checker.check_model(proto, full_check=True)
+    inputs, outputs = io_specs(model, options)
+    uses_gated = any(a.geometric for a in model.attention_layers())
+    manifest = Manifest(
+        model_file=MODEL_FILE,
+        flavor=options.attention_op,
+        opset=STANDARD_OPSET if options.attention_op == "linear-attention" else PORTABLE_OPSET,
+        dtype=options.dtype,
+        weights=options.dtype,
+        logits=options.logits,
+        max_chunk=options.max_chunk,
+        inputs=inputs,
+        outputs=outputs,
+        num_layers=model.config.num_layers,
+        state_shape=list(model.config.state_shape),
+        decay="geometric" if uses_gated else "general",
+        position_limit=model.position_limit,
+        vocab_size=model.config.vocab_size,
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        decode_ops_per_layer=decode_op_counts(proto, model.config.num_layers),
+        source=source or {},
+        config=model.config.to_hf_dict(),
+    )
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        large = proto.ByteSize() > EXTERNAL_DATA_BYTES if _fits_protobuf(proto) else True
+        onnx.save_model(
+            proto,
+            str(tmp / MODEL_FILE),
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            location=MODEL_FILE + ".data",
+        )
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.exists():
+                    (tmp / name).write_bytes(src.read_bytes())
+        manifest.export_seconds = round(time.time() - started, 1)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    return manifest
+
+
+def _fits_protobuf(proto: onnx.ModelProto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def _fix_io_types(proto: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Check the traced graph's I/O against the contract we publish."""
+    got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in proto.graph.input]
+    want = [(t.name, t.dtype) for t in inputs]
+    if got != want:
+        raise ExportError(f"traced inputs {got} differ from the contract {want}")
+    got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in proto.graph.output]
+    want = [(t.name, t.dtype) for t in outputs]
+    if got != want:
+        raise ExportError(f"traced outputs {got} differ from the contract {want}")
+
+
+def export_checkpoint(
+    model_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None, overwrite: bool = False
+) -> Manifest:
+    """Load a DiJiang checkpoint folder and export it (see :func:`export_model`)."""
+    model_dir = Path(model_dir)
+    model = load_model(model_dir)
+    source = {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)}
+    return export_model(model, out_dir, options, tokenizer_dir=model_dir, source=source, overwrite=overwrite)
+
+
+__all__ = ["ExportOptions", "MODEL_FILE", "OP_TYPE", "export_checkpoint", "export_model", "trace"]

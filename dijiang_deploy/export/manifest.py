@@ -1,0 +1,112 @@
+"""``manifest.json``: the contract between an export folder and its users."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import ExportError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "dijiang-onnx/1"
+
+
+@dataclass
+class TensorSpec:
+    """A graph input or output: name, symbolic/static shape, numpy dtype name."""
+
+    name: str
+    shape: list[Any]
+    dtype: str
+
+
+@dataclass
+class Manifest:
+    """Everything a runtime needs to drive the step graph without reading it.
+
+    ``position_limit`` is None for geometric decay (unbounded) and the decay
+    table length for the general form; ``decode_ops_per_layer`` counts the
+    graph's nodes per op type divided by the number of layers.
+    """
+
+    model_file: str
+    flavor: str
+    opset: int
+    dtype: str
+    weights: str
+    logits: str
+    max_chunk: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    num_layers: int
+    state_shape: list[int]
+    decay: str
+    position_limit: int | None
+    vocab_size: int
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    decode_ops_per_layer: dict[str, float] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    state_dtype: str = "float32"
+    format: str = FORMAT
+    export_seconds: float = 0.0
+
+    @property
+    def state_inputs(self) -> list[str]:
+        return [f"past_state.{i}" for i in range(self.num_layers)]
+
+    @property
+    def state_outputs(self) -> list[str]:
+        return [f"present_state.{i}" for i in range(self.num_layers)]
+
+    def state_bytes(self, batch: int = 1) -> int:
+        h, d1, d2 = self.state_shape
+        return batch * self.num_layers * h * d1 * d2 * 4
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Manifest":
+        """Read and validate ``folder/manifest.json``.
+
+        Raises:
+            ExportError: no folder, no manifest, malformed or foreign manifest.
+        """
+        folder = Path(folder)
+        if not folder.exists():
+            raise ExportError(f"{folder}: no such file or directory")
+        path = folder / MANIFEST_NAME
+        if not path.exists():
+            raise ExportError(f"{folder}: no {MANIFEST_NAME} (not a dijiang-deploy export folder)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ExportError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ExportError(f"{path}: unknown manifest format {data.get('format') if isinstance(data, dict) else None!r}")
+        try:
+            data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+            data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+            known = set(cls.__dataclass_fields__)
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (KeyError, TypeError) as exc:
+            raise ExportError(f"{path}: malformed manifest ({exc})") from None
+
+    def check_graph(self, graph_inputs: list[tuple[str, str]], graph_outputs: list[tuple[str, str]]) -> None:
+        """Raise if the graph's (name, dtype) lists differ from the manifest's."""
+        want_in = [(t.name, t.dtype) for t in self.inputs]
+        want_out = [(t.name, t.dtype) for t in self.outputs]
+        if graph_inputs != want_in:
+            raise ExportError(f"manifest does not match the graph: inputs {graph_inputs} vs manifest {want_in}")
+        if graph_outputs != want_out:
+            raise ExportError(f"manifest does not match the graph: outputs {graph_outputs} vs manifest {want_out}")
+
+
+def decode_op_counts(model: onnx.ModelProto, num_layers: int) -> dict[str, float]:
+    """Nodes per op type per layer of the step graph (the decode path is the whole graph)."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    return {op: round(c / num_layers, 2) for op, c in sorted(counts.items())}

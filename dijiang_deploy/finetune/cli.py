@@ -1,0 +1,143 @@
+"""``finetune`` and ``eval`` subcommands; the main CLI calls :func:`add_parsers`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import DiJiangError
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .api import finetune
+    from .config import FinetuneConfig
+
+    cfg = FinetuneConfig(threads=args.threads)
+    if args.generated is not None:
+        cfg.data.generated = args.generated
+    result = finetune(
+        args.model_dir,
+        args.output,
+        data=args.data,
+        teacher=args.teacher,
+        steps=args.steps,
+        budget_minutes=args.budget_minutes,
+        seed=args.seed,
+        lora_rank=args.lora_rank,
+        stage2=args.stage2,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        config=cfg,
+    )
+    ppl = f", held-out perplexity {result.heldout_perplexity:.2f}" if result.heldout_perplexity else ""
+    print(
+        f"wrote {result.out_dir}: stage 1 {result.stage1_steps} steps, stage 2 {result.stage2_steps} steps, "
+        f"{result.train_tokens} training tokens, {result.seconds / 60:.1f} min{ppl}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate(
+        args.model_dir, args.data, teacher=args.teacher, window=args.window, max_tokens=args.max_tokens,
+        tokenizer=args.tokenizer,
+    )
+    answers = []
+    if args.chat:
+        from .evaluate import CHAT_QUESTIONS, greedy_answers
+
+        answers = list(zip(CHAT_QUESTIONS, greedy_answers(args.model_dir, max_new_tokens=args.chat_tokens)))
+    if args.json:
+        print(json.dumps({**result.to_dict(), "chat": answers}))
+        return 0
+    for q, a in answers:
+        print(f"Q: {q}\nA: {a}\n")
+    line = f"perplexity {result.perplexity:.3f} over {result.tokens} tokens ({result.windows} windows of {args.window})"
+    if result.top1_agreement is not None:
+        line += f"; top-1 agreement with the teacher {result.top1_agreement:.3f}, teacher perplexity {result.teacher_perplexity:.3f}"
+    print(line)
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``finetune`` and ``eval`` on the main CLI's subparsers.
+
+    Handlers raise :class:`~dijiang_deploy.errors.DiJiangError` subclasses for
+    bad input, which the main CLI prints as one line (exit status 2).
+    """
+    p = subparsers.add_parser("finetune", help="train a converted checkpoint to match its softmax teacher")
+    p.add_argument("model_dir", help="DiJiang checkpoint folder (from convert)")
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    p.add_argument("--data", help="training text: a file or a folder of .txt/.md/.rst/.jsonl (default: built-in local text)")
+    p.add_argument("--teacher", help="softmax teacher: HF folder, .gguf or smollm2 (default: the checkpoint's source)")
+    p.add_argument("--steps", type=int, help="total optimizer steps instead of a time budget")
+    p.add_argument("--budget-minutes", type=_positive_float, help="wall-clock budget (default 9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=0, help="low-rank adapters on q/k/v/o (0: none)")
+    p.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True, help="end-to-end distillation stage")
+    p.add_argument("--generated", type=int, help="teacher-written chat answers added to the built-in text")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--no-resume", action="store_true", help="ignore state left by an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_finetune)
+
+    p = subparsers.add_parser("eval", help="windowed perplexity of a checkpoint or ONNX export over a text")
+    p.add_argument("model_dir", help="DiJiang checkpoint folder or exported ONNX folder")
+    p.add_argument("--data", help="text file or folder (default: the shipped held-out text)")
+    p.add_argument("--teacher", help="also report top-1 agreement with this softmax model (HF folder, .gguf, smollm2)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (default: MODEL_DIR's)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--chat", action="store_true", help="also print greedy answers to a few chat questions")
+    p.add_argument("--chat-tokens", type=int, default=60, help="max new tokens per chat answer")
+    p.set_defaults(func=_eval)
+
+
+__all__ = ["add_parsers", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m dijiang_deploy.finetune.cli finetune|eval ...``),
+    handling errors as ``dijiang-deploy`` does: one line on stderr, exit 2."""
+    import logging
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m dijiang_deploy.finetune.cli")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
+    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except DiJiangError as exc:
+        if args.verbose:
+            raise
+        print(f"dijiang-deploy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

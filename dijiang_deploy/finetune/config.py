@@ -1,0 +1,127 @@
+"""Fine-tuning settings (dataclasses), recorded in the output checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from and how they are cut.
+
+    Attributes:
+        seq_len: tokens per training sequence.
+        max_tokens: tokens of training text kept (the teacher is run once over
+            them and its per-layer attention inputs/outputs cached in bf16,
+            ``layers * 2 * hidden * 2`` bytes per token: 69 KB for SmolLM2).
+        generated: number of chat answers the teacher writes from the built-in
+            prompts (0: none); used only when no user data is given.
+        generated_tokens: maximum new tokens per generated answer.
+        builtin_chars: characters of local text (package descriptions, stdlib
+            docstrings) read for the built-in corpus.
+    """
+
+    seq_len: int = 256
+    max_tokens: int = 16_384
+    generated: int = 0
+    generated_tokens: int = 160
+    builtin_chars: int = 3_000_000
+
+
+@dataclass
+class Stage1Config:
+    """Attention transfer: each DiJiang layer mimics the teacher's softmax attention.
+
+    Attributes:
+        steps: optimizer steps; None: run until ``fraction`` of the budget is used.
+        fraction: share of the training time (after data and caching) for stage 1.
+        batch: sequences per step (all layers are trained each step).
+        lr: learning rate of the new DiJiang parameters (P, W_G, GroupNorm).
+        lr_base: learning rate of pretrained projections trained here.
+        train_qk: also train the query/key projections (GPT-NeoX: the fused qkv).
+        train_decay: train one decay rate per head (tables stay geometric).
+        lr_decay: learning rate of the decay parameters ``log(1 - gamma)``.
+    """
+
+    steps: int | None = None
+    fraction: float = 0.5
+    batch: int = 4
+    lr: float = 2e-3
+    lr_base: float = 3e-4
+    train_qk: bool = True
+    train_decay: bool = True
+    lr_decay: float = 2e-2
+
+
+@dataclass
+class Stage2Config:
+    """End-to-end distillation of the teacher's next-token distribution.
+
+    Attributes:
+        enabled: run stage 2 at all.
+        steps: optimizer steps; None: use the rest of the budget.
+        batch: sequences per step.
+        lr: learning rate of DiJiang parameters and adapters / projections.
+        top_k: teacher logits kept per token (cached with the hidden states);
+            the loss is the cross-entropy to the teacher's renormalised top-k
+            distribution.
+        ce_weight: weight of the plain next-token loss added to it.
+        train: ``attention`` trains the DiJiang parameters and (without
+            adapters) the full attention projections; ``all`` also the MLPs
+            and norms of every layer (embeddings and head stay frozen);
+            ``dijiang`` only the new parameters.
+    """
+
+    enabled: bool = True
+    steps: int | None = None
+    batch: int = 4
+    lr: float = 3e-4
+    top_k: int = 64
+    ce_weight: float = 0.0
+    train: str = "attention"
+
+
+@dataclass
+class FinetuneConfig:
+    """All settings of one :func:`~dijiang_deploy.finetune.finetune` run.
+
+    Attributes:
+        budget_minutes: wall-clock budget of the whole run (loading, data,
+            teacher pass, both stages, saving) when steps are not given.
+        seed: seeds data order, generation, adapters and batch sampling.
+        lora_rank: 0: no adapters (stage 1 trains q/k fully, stage 2 the
+            attention projections); R > 0: rank-R adapters on q/k/v/o in both
+            stages, merged into the weights before saving.
+        threads: torch threads (None: torch's default).
+        checkpoint_every_s: how often resumable state is written.
+        autocast: ``auto`` runs the teacher pass and both stages' matmuls in
+            bfloat16 (``torch.autocast``) when the CPU has native bf16
+            (AVX512-BF16/AMX: about 2x faster), ``bf16`` always, ``off``
+            never. Weights, optimizer state and evaluation stay float32.
+    """
+
+    budget_minutes: float = 9.0
+    seed: int = 0
+    lora_rank: int = 0
+    threads: int | None = None
+    checkpoint_every_s: float = 60.0
+    autocast: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        data = dict(data)
+        sub = {"data": DataConfig, "stage1": Stage1Config, "stage2": Stage2Config}
+        kwargs: dict[str, Any] = {}
+        for k, v in data.items():
+            if k in sub:
+                kwargs[k] = sub[k](**v)
+            elif k in cls.__dataclass_fields__:
+                kwargs[k] = v
+        return cls(**kwargs)
