@@ -1,0 +1,76 @@
+"""Fixtures for the GPU kernel tests: a CUDA device and libdijiang_kernels.so.
+
+Everything here skips (with the missing piece named) on machines without a CUDA
+device. The library comes from $DIJIANG_KERNELS_LIB, from
+$DIJIANG_PLUGIN_BUILD/main (a scripts/build_plugins.sh build directory), or is
+built into a temporary directory for the local GPU's architecture only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cuda_device_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (used for device buffers)"
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def torch_cuda():
+    reason = _cuda_device_reason()
+    if reason:
+        pytest.skip(reason)
+    import torch
+
+    return torch
+
+
+def _build_for_local_gpu(torch, out: Path) -> Path:
+    if shutil.which("nvcc") is None or shutil.which("ninja") is None:
+        pytest.skip("nvcc or ninja not found; set DIJIANG_KERNELS_LIB or DIJIANG_PLUGIN_BUILD")
+    major, minor = torch.cuda.get_device_capability()
+    subprocess.run(
+        ["cmake", "-S", str(REPO / "plugins"), "-B", str(out), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+         f"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}", "-DDIJIANG_BUILD_TRT_PLUGIN=OFF", "-DDIJIANG_BUILD_TESTS=OFF"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(["cmake", "--build", str(out), "-j", "4"], check=True, capture_output=True)
+    return out / "libdijiang_kernels.so"
+
+
+@pytest.fixture(scope="session")
+def kernels(torch_cuda, tmp_path_factory):
+    if os.environ.get("DIJIANG_KERNELS_LIB"):
+        path = Path(os.environ["DIJIANG_KERNELS_LIB"])
+    elif os.environ.get("DIJIANG_PLUGIN_BUILD"):
+        path = Path(os.environ["DIJIANG_PLUGIN_BUILD"]) / "main" / "libdijiang_kernels.so"
+    else:
+        path = _build_for_local_gpu(torch_cuda, tmp_path_factory.mktemp("kernels"))
+    lib = ctypes.CDLL(str(path))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    common = [i32, i32]  # dtype, rule
+    lib.dijiang_linear_attention_workspace_size.restype = ctypes.c_size_t
+    lib.dijiang_linear_attention_workspace_size.argtypes = [i64] * 5 + [i32]
+    lib.dijiang_linear_attention_decode.restype = i32
+    lib.dijiang_linear_attention_decode.argtypes = common + [i64] * 4 + [ctypes.c_float] + [ptr] * 7 + [ptr]
+    for name in ("dijiang_linear_attention_prefill", "dijiang_linear_attention_forward"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = common + [i64] * 5 + [ctypes.c_float, i32] + [ptr] * 7 + [ptr, ctypes.c_size_t, ptr]
+    lib.dijiang_status_string.restype = ctypes.c_char_p
+    lib.dijiang_status_string.argtypes = [i32]
+    return lib
