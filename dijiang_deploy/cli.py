@@ -34,11 +34,20 @@ def _convert(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import ExportOptions, export_checkpoint
 
-    opts = ExportOptions(dtype=args.dtype, logits=args.logits, attention_op=args.attention_op, max_chunk=args.max_chunk)
+    opts = ExportOptions(
+        dtype=args.dtype,
+        logits=args.logits,
+        attention_op=args.attention_op,
+        max_chunk=args.max_chunk,
+        weights=args.weights,
+        block_size=args.block_size,
+        symmetric=not args.asymmetric,
+        quantize_head=args.quantize_head,
+    )
     man = export_checkpoint(args.model_dir, args.output, opts, overwrite=args.overwrite)
     ops = sum(man.decode_ops_per_layer.values())
     print(
-        f"wrote {args.output}: flavor {man.flavor} (opset {man.opset}), {man.dtype}, logits {man.logits}, "
+        f"wrote {args.output}: flavor {man.flavor} (opset {man.opset}), {man.dtype}, weights {man.weights}, logits {man.logits}, "
         f"{man.num_layers} layers, {ops:.0f} nodes per layer, decay {man.decay}, {man.export_seconds:.0f}s"
     )
     return 0
@@ -146,11 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the recurrence appears in the graph (see plugins/README.md)",
     )
     p.add_argument("--max-chunk", type=int, default=64, help="prefill chunk length the runtime feeds")
+    p.add_argument(
+        "--weights", choices=["fp32", "fp16", "int8", "int4"], help="weight format (default: --dtype); int8/int4 "
+        "are weight-only block quantization of the linear layers"
+    )
+    p.add_argument("--block-size", type=int, default=32, help="quantization block length")
+    p.add_argument("--asymmetric", action="store_true", help="blocks with zero points")
+    p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("build", help="build a TensorRT engine from an exported ONNX folder")
-    p.set_defaults(func=_not_yet("build", "the TensorRT builder lands with issue #4"))
 
     p = sub.add_parser("run", help="generate text from an exported model")
     p.add_argument("onnx_dir", help="export folder")
@@ -173,9 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="max abs logit difference (default 1e-4 fp32, 0.5 fp16)")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("bench", help="benchmark decode/prefill speed and memory against baselines")
-    p.set_defaults(func=_not_yet("bench", "benchmarks land with issue #5"))
+    for module, commands, issue in _PLUGGABLE:
+        _register(sub, module, commands, issue)
     return parser
+
+
+#: Subcommands that live with their feature: each module exposes
+#: ``add_parsers(subparsers)``. Until it exists the command says so.
+_PLUGGABLE = (
+    ("dijiang_deploy.build.cli", {"build": "build a TensorRT engine from an exported ONNX folder"}, "issue #4"),
+    ("dijiang_deploy.bench.cli", {"bench": "benchmark decode/prefill speed and memory against baselines"}, "issue #5"),
+    ("dijiang_deploy.finetune.cli", {"finetune": "distil the softmax teacher into a DiJiang model", "eval": "perplexity of a model over a text"}, "issue #6"),
+)
+
+
+def _register(sub, module: str, commands: dict[str, str], issue: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module).add_parsers(sub)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            raise
+        for name, help_text in commands.items():
+            p = sub.add_parser(name, help=f"{help_text} (not available yet)")
+            p.set_defaults(func=_not_yet(name, f"lands with {issue}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

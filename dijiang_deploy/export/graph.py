@@ -50,12 +50,26 @@ class ExportOptions:
         logits: ``last`` (``[B, 1, V]``, generation) or ``all`` (scoring).
         attention_op: ``linear-attention``, ``function`` or ``plugin``.
         max_chunk: the prefill chunk length the runtime should feed.
+        weights: ``fp32``/``fp16`` (same as ``dtype``) or ``int8``/``int4``
+            weight-only quantization of the linear layers (see
+            :mod:`.quantize`); the state path is never quantized.
+        block_size: quantization block length along the input dimension.
+        symmetric: symmetric (no zero point) or asymmetric blocks.
+        quantize_head: also quantize the LM head.
     """
 
     dtype: str = "fp32"
     logits: str = "last"
     attention_op: str = "linear-attention"
     max_chunk: int = 64
+    weights: str | None = None
+    block_size: int = 32
+    symmetric: bool = True
+    quantize_head: bool = False
+
+    @property
+    def weight_format(self) -> str:
+        return self.weights or self.dtype
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "fp16"):
@@ -66,6 +80,12 @@ class ExportOptions:
             raise DiJiangError(f"--attention-op must be one of {', '.join(FLAVORS)}, got {self.attention_op!r}")
         if not 1 <= self.max_chunk <= 4096:
             raise DiJiangError(f"--max-chunk must be in 1..4096, got {self.max_chunk}")
+        if self.weight_format not in ("fp32", "fp16", "int8", "int4"):
+            raise DiJiangError(f"--weights must be fp32, fp16, int8 or int4, got {self.weights!r}")
+        if self.weights in ("fp32", "fp16") and self.weights != self.dtype:
+            raise DiJiangError(f"--weights {self.weights} contradicts --dtype {self.dtype}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise DiJiangError(f"--block-size must be a power of two >= 16, got {self.block_size}")
 
 
 class StepGraph(nn.Module):
@@ -172,6 +192,10 @@ def export_model(
     proto = trace(model, options)
     apply_flavor(proto, options.attention_op)
     _fix_io_types(proto, *io_specs(model, options))
+    if options.weight_format in ("int8", "int4"):
+        from .quantize import quantize_weights
+
+        proto = quantize_weights(proto, options)
     if options.attention_op != "linear-attention":
         onnx.checker.check_model(proto, full_check=True)
     inputs, outputs = io_specs(model, options)
@@ -181,7 +205,7 @@ def export_model(
         flavor=options.attention_op,
         opset=STANDARD_OPSET if options.attention_op == "linear-attention" else PORTABLE_OPSET,
         dtype=options.dtype,
-        weights=options.dtype,
+        weights=options.weight_format,
         logits=options.logits,
         max_chunk=options.max_chunk,
         inputs=inputs,

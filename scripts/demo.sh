@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up, convert the embedded SmolLM2-135M to
+# DiJiang, fine-tune it briefly (attention transfer, CPU), export to ONNX, and
+# generate text on CPU with ONNX Runtime.
+#
+#   bash scripts/demo.sh ["your prompt"]
+#
+# Outputs go to runs/ (DIJIANG_RUNS to change). Steps already done are reused.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+RUNS="${DIJIANG_RUNS:-$ROOT/runs}"
+PROMPT="${1:-What is the capital of France?}"
+DJ=.venv/bin/dijiang-deploy
+mkdir -p "$RUNS"
+[[ -d "$RUNS/smollm2-dijiang" ]] || "$DJ" convert --model smollm2 -o "$RUNS/smollm2-dijiang"
+MODEL="$RUNS/smollm2-dijiang"
+if "$DJ" finetune --help >/dev/null 2>&1; then
+    [[ -d "$RUNS/smollm2-dijiang-ft" ]] || "$DJ" finetune "$MODEL" -o "$RUNS/smollm2-dijiang-ft"
+    MODEL="$RUNS/smollm2-dijiang-ft"
+fi
+[[ -d "$RUNS/smollm2-onnx" ]] || "$DJ" export "$MODEL" -o "$RUNS/smollm2-onnx"
+"$DJ" run "$RUNS/smollm2-onnx" --chat --prompt "$PROMPT" --max-new-tokens 64
