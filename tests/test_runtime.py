@@ -11,7 +11,7 @@ from dijiang_deploy.export import ExportOptions, export_model
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.runtime.sampling import Sampler, SamplingOptions
 from dijiang_deploy.testing import random_model
-from conftest import requires_smollm2
+from _support import requires_smollm2
 
 
 def _rss_bytes() -> int:
