@@ -56,7 +56,7 @@ def _export(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .runtime import Generator
 
-    gen = Generator.from_pretrained(args.onnx_dir, threads=args.threads)
+    gen = Generator.from_pretrained(args.onnx_dir, backend=args.backend, providers=args.provider, threads=args.threads)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--backend", default="ort", choices=["ort", "trt"], help="ort: ONNX_DIR is an export; trt: an engine folder")
+    p.add_argument("--provider", action="append", help="ONNX Runtime provider, e.g. CUDAExecutionProvider (repeatable)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("verify", help="compare an export against the PyTorch reference")

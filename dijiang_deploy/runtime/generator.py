@@ -90,9 +90,13 @@ class Generator:
 
             impl = OrtBackend(folder, providers=providers, threads=threads or default_threads())
         elif backend == "trt":
-            from ..errors import BackendUnavailableError
+            if providers:
+                raise DiJiangError("providers apply to backend='ort' only")
+            from .trt_backend import TrtBackend
 
-            raise BackendUnavailableError("the TensorRT backend needs TensorRT and a GPU; neither is available here")
+            # ``folder`` is an engine folder (dijiang-deploy build): it carries
+            # the manifest and the tokenizer files like an export folder.
+            impl = TrtBackend(folder)
         else:
             raise DiJiangError(f"unknown backend {backend!r}; use 'ort' or 'trt'")
         tokenizer = _load_tokenizer(Path(folder)) if load_tokenizer else None

@@ -1,0 +1,732 @@
+"""CPU tests of ``dijiang-deploy build``: target profiles, option resolution,
+the trtexec command, engine-folder packaging, and clear refusals when TensorRT
+or the plugin library is missing. No TensorRT or GPU needed (TensorRT is made
+unimportable where it happens to be installed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dijiang_deploy.build import environment
+from dijiang_deploy.build.builder import build_engine, package_engine
+from dijiang_deploy.build.manifest import ENGINE_FILE, ENGINE_MANIFEST, EngineManifest
+from dijiang_deploy.build.options import profile_specs, resolve_options
+from dijiang_deploy.build.targets import Target, list_targets, load_target, target_from_dict, targets_dir
+from dijiang_deploy.build.trtexec import format_command, trtexec_command
+from dijiang_deploy.cli import main
+from dijiang_deploy.errors import BackendUnavailableError, DiJiangError
+from dijiang_deploy.export import ExportOptions, Manifest, export_model
+from dijiang_deploy.testing import random_model
+
+SHIPPED = ["ada", "agx-orin-64gb", "ampere", "hopper", "orin-nano-8gb"]
+PLUGIN = "/opt/dijiang/libdijiang_trt_plugins.so"
+
+
+@pytest.fixture(scope="module")
+def plugin_export(tmp_path_factory) -> Path:
+    """The tiny llama model exported with the plugin flavor (fp32, max_chunk 64)."""
+    out = tmp_path_factory.mktemp("export") / "tiny_plugin"
+    export_model(random_model("llama"), out, ExportOptions(attention_op="plugin"))
+    return out
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Make ``import tensorrt`` fail even where TensorRT is installed."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+@pytest.fixture
+def no_default_plugin(monkeypatch, tmp_path):
+    monkeypatch.delenv(environment.PLUGIN_ENV, raising=False)
+    monkeypatch.setattr(environment, "DEFAULT_PLUGIN_LIBRARY", tmp_path / "missing" / environment.PLUGIN_LIBRARY_NAME)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["build", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- target profiles -------------------------------------------------------------
+
+
+def test_shipped_targets_load_and_validate() -> None:
+    assert list_targets() == SHIPPED
+    for name in SHIPPED:
+        t = load_target(name)
+        assert isinstance(t, Target) and t.name == name
+        assert t.precision == "fp16"
+        assert t.max_chunk >= 64 and 1 <= t.opt_batch <= t.max_batch
+        assert t.workspace_mib <= t.memory_gib * 1024 / 2
+
+
+def test_jetson_targets_use_the_plugin_flavor_and_sm87() -> None:
+    for name in ("orin-nano-8gb", "agx-orin-64gb"):
+        t = load_target(name)
+        assert t.flavor == "plugin" and t.sm == ("8.7",) and t.tensorrt == "10.3"
+    nano, agx, hopper = load_target("orin-nano-8gb"), load_target("agx-orin-64gb"), load_target("hopper")
+    # Sized to memory: the 8 GB part gets the smallest limits.
+    assert nano.max_batch < agx.max_batch < hopper.max_batch
+    assert nano.workspace_mib < agx.workspace_mib < hopper.workspace_mib
+
+
+def _valid() -> dict:
+    return json.loads((targets_dir() / "ampere.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"precision": "int8"}, "precision must be fp16 or fp32"),
+        ({"max_batch": 0}, "max batch must be in"),
+        ({"opt_batch": 99}, "opt batch must be in"),
+        ({"max_chunk": 5000}, "max chunk must be in"),
+        ({"workspace_mib": 8}, "workspace must be in"),
+        ({"workspace_mib": 8192}, "more than half"),
+        ({"sm": ["86"]}, "sm must be"),
+        ({"flavor": "onnx"}, "flavor must be"),
+        ({"max_batch": "4"}, "must be an integer"),
+        ({"colour": "green"}, "unknown field(s) colour"),
+        ({"name": "other"}, "its 'name' field says"),
+    ],
+)
+def test_invalid_target_is_refused(change: dict, message: str) -> None:
+    data = _valid() | change
+    with pytest.raises(DiJiangError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        target_from_dict(data, "ampere")
+
+
+def test_target_missing_field_and_unknown_name(tmp_path: Path) -> None:
+    data = _valid()
+    del data["max_chunk"]
+    with pytest.raises(DiJiangError, match="missing field"):
+        target_from_dict(data, "ampere")
+    with pytest.raises(DiJiangError, match=r"unknown target 'tpu' \(known: ada, agx-orin-64gb"):
+        load_target("tpu")
+    custom = tmp_path / "mine.json"
+    custom.write_text(json.dumps(_valid() | {"name": "mine", "max_batch": 3}))
+    assert load_target(str(custom)).max_batch == 3
+    with pytest.raises(DiJiangError, match="no such file"):
+        load_target(str(tmp_path / "absent.json"))
+
+
+# -- options and profiles --------------------------------------------------------------
+
+
+def test_explicit_flags_override_the_target(plugin_export: Path) -> None:
+    man = Manifest.load(plugin_export)
+    target = load_target("hopper")
+    opts = resolve_options(man, target)
+    # Target's chunk (256) is capped at the export's (64); precision follows the ONNX.
+    assert (opts.precision, opts.max_batch, opts.opt_batch, opts.max_chunk, opts.workspace_mib) == (
+        "fp32", 64, 8, 64, 8192,
+    )
+    opts = resolve_options(man, target, max_batch=4, opt_batch=2, max_chunk=32, workspace_mib=256)
+    assert (opts.max_batch, opts.opt_batch, opts.max_chunk, opts.workspace_mib, opts.target) == (4, 2, 32, 256, "hopper")
+    opts = resolve_options(man)
+    assert (opts.max_batch, opts.opt_batch, opts.max_chunk, opts.workspace_mib, opts.target) == (1, 1, 64, 1024, None)
+    with pytest.raises(DiJiangError, match="contradicts the ONNX export's dtype fp32"):
+        resolve_options(man, target, precision="fp16")
+    with pytest.raises(DiJiangError, match="opt batch must be in 1..max batch"):
+        resolve_options(man, max_batch=2, opt_batch=3)
+
+
+def test_profiles_cover_decode_and_prefill(plugin_export: Path) -> None:
+    man = Manifest.load(plugin_export)
+    specs = profile_specs(man, resolve_options(man, max_batch=4, opt_batch=2, max_chunk=32))
+    assert [(s.name, s.index, s.seq_range, s.batch_range) for s in specs] == [
+        ("decode", 0, (1, 1), (1, 4)),
+        ("prefill", 1, (2, 32), (1, 4)),
+    ]
+    state = specs[1].shapes["past_state.1"]
+    assert (state.min, state.opt, state.max) == ([1, 4, 16, 16], [2, 4, 16, 16], [4, 4, 16, 16])
+    assert specs[1].shapes["input_ids"].opt == [2, 32]
+    assert len(profile_specs(man, resolve_options(man, max_chunk=1))) == 1
+
+
+# -- trtexec ------------------------------------------------------------------------------
+
+
+def _expected_trtexec(onnx: Path, engine: str) -> list[str]:
+    def spec(b: int, seq: int) -> str:
+        return (
+            f"input_ids:{b}x{seq},attention_mask:{b}x{seq},past_position:{b},"
+            f"past_state.0:{b}x4x16x16,past_state.1:{b}x4x16x16"
+        )
+
+    return [
+        "trtexec",
+        f"--onnx={onnx / 'model.onnx'}",
+        f"--saveEngine={engine}",
+        "--stronglyTyped",
+        "--profile=0",
+        f"--minShapes={spec(1, 1)}",
+        f"--optShapes={spec(1, 1)}",
+        f"--maxShapes={spec(2, 1)}",
+        "--profile=1",
+        f"--minShapes={spec(1, 2)}",
+        f"--optShapes={spec(1, 64)}",
+        f"--maxShapes={spec(2, 64)}",
+        "--noTF32",
+        "--memPoolSize=workspace:512M",
+        f"--dynamicPlugins={PLUGIN}",
+        f"--setPluginsToSerialize={PLUGIN}",
+        "--versionCompatible",
+        "--timingCacheFile=/tmp/dj.cache",
+        "--skipInference",
+    ]
+
+
+def test_trtexec_command_exact_flags(plugin_export: Path) -> None:
+    man = Manifest.load(plugin_export)
+    opts = resolve_options(
+        man, load_target("orin-nano-8gb"), plugin_lib=Path(PLUGIN), serialize_plugins=True,
+        timing_cache=Path("/tmp/dj.cache"),
+    )
+    argv = trtexec_command(plugin_export / "model.onnx", "/out/eng.engine", profile_specs(man, opts), opts)
+    assert argv == _expected_trtexec(plugin_export, "/out/eng.engine")
+
+
+def test_print_trtexec_cli_needs_no_tensorrt(plugin_export: Path, capsys, no_tensorrt, tmp_path: Path) -> None:
+    out_dir = tmp_path / "eng"
+    code, out, err = _cli(
+        capsys, str(plugin_export), "-o", str(out_dir), "--target", "orin-nano-8gb", "--plugin-lib", PLUGIN,
+        "--serialize-plugins", "--timing-cache", "/tmp/dj.cache", "--print-trtexec",
+    )
+    assert code == 0, err
+    assert out.strip() == format_command(_expected_trtexec(plugin_export, str(out_dir) + ".engine"))
+    assert f"--engine {out_dir}.engine" in err
+    assert not out_dir.exists()
+
+
+def test_print_trtexec_plain_options(plugin_export: Path, capsys, no_tensorrt, tmp_path: Path) -> None:
+    code, out, _ = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "e"), "--plugin-lib", PLUGIN,
+                        "--max-batch", "3", "--max-chunk", "16", "--workspace", "64", "--print-trtexec")
+    assert code == 0
+    argv = out.split()
+    assert "--versionCompatible" not in argv and not any(a.startswith("--timingCacheFile") for a in argv)
+    assert "--noTF32" in argv
+    assert f"--dynamicPlugins={PLUGIN}" in argv and "--memPoolSize=workspace:64M" in argv
+    assert any(a.startswith("--maxShapes=input_ids:3x16,") for a in argv)
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+def _one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dijiang-deploy build: error: ") and needle in lines[0], lines[0]
+
+
+def test_refuses_without_tensorrt(plugin_export: Path, capsys, no_tensorrt, tmp_path: Path) -> None:
+    lib = tmp_path / "libdijiang_trt_plugins.so"
+    lib.write_bytes(b"\x7fELF not really")
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "eng"), "--plugin-lib", str(lib))
+    _one_line_error(code, err, "TensorRT's Python package is not importable")
+    assert not (tmp_path / "eng").exists()
+    with pytest.raises(BackendUnavailableError, match="--print-trtexec"):
+        build_engine(plugin_export, tmp_path / "eng", resolve_options(Manifest.load(plugin_export), plugin_lib=lib))
+
+
+def test_refuses_tensorrt_stub(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(BackendUnavailableError, match="no Builder/Runtime"):
+        environment.import_tensorrt()
+
+
+def test_refuses_missing_plugin_library(plugin_export: Path, capsys, tmp_path: Path, no_default_plugin) -> None:
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "eng"), "--plugin-lib", str(tmp_path / "nope.so"))
+    _one_line_error(code, err, f"plugin library {tmp_path / 'nope.so'}: no such file")
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "eng"))
+    _one_line_error(code, err, "no libdijiang_trt_plugins.so: pass --plugin-lib PATH")
+
+
+def test_cli_errors_are_one_line(plugin_export: Path, capsys, tmp_path: Path) -> None:
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "e"), "--target", "tpu", "--print-trtexec")
+    _one_line_error(code, err, "unknown target 'tpu'")
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "e"), "--precision", "fp16", "--print-trtexec")
+    _one_line_error(code, err, "contradicts the ONNX export's dtype fp32")
+    code, _, err = _cli(capsys, str(tmp_path / "absent"), "-o", str(tmp_path / "e"), "--print-trtexec")
+    _one_line_error(code, err, "no such file or directory")
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "e"), "--max-batch", "0", "--print-trtexec")
+    _one_line_error(code, err, "max batch must be in 1..1024")
+
+
+# -- engine folders ---------------------------------------------------------------------------
+
+
+def test_package_trtexec_engine(plugin_export: Path, capsys, tmp_path: Path, no_tensorrt) -> None:
+    engine = tmp_path / "built.engine"
+    engine.write_bytes(b"serialized engine bytes")
+    out = tmp_path / "eng"
+    code, stdout, err = _cli(capsys, str(plugin_export), "-o", str(out), "--engine", str(engine), "--plugin-lib", PLUGIN,
+                             "--max-chunk", "32", "--max-batch", "2")
+    assert code == 0, err
+    assert "engine from trtexec" in stdout
+    assert (out / ENGINE_FILE).read_bytes() == b"serialized engine bytes"
+    em = EngineManifest.load(out)
+    assert (em.built_with, em.tensorrt_version, em.gpu_sm, em.max_batch, em.max_chunk) == ("trtexec", None, None, 2, 32)
+    assert em.profile_for(1).name == "decode" and em.profile_for(32).name == "prefill" and em.profile_for(33) is None
+    assert [t["name"] for t in em.inputs][:3] == ["input_ids", "attention_mask", "past_position"]
+    # The copied ONNX manifest carries the engine's chunk so Generator feeds it.
+    assert Manifest.load(out).max_chunk == 32
+    # Atomic and no silent overwrite.
+    code, _, err = _cli(capsys, str(plugin_export), "-o", str(out), "--engine", str(engine), "--plugin-lib", PLUGIN)
+    _one_line_error(code, err, "already exists")
+    assert not list(tmp_path.glob(".eng.partial-*"))
+    with pytest.raises(DiJiangError, match="no such engine file"):
+        package_engine(plugin_export, tmp_path / "none.engine", tmp_path / "x", resolve_options(Manifest.load(plugin_export)))
+
+
+def test_engine_manifest_refuses_foreign_folders(tmp_path: Path) -> None:
+    with pytest.raises(DiJiangError, match="no engine.json"):
+        EngineManifest.load(tmp_path)
+    (tmp_path / ENGINE_MANIFEST).write_text('{"format": "other"}')
+    with pytest.raises(DiJiangError, match="unknown engine manifest format 'other'"):
+        EngineManifest.load(tmp_path)
+
+
+def test_trt_backend_refuses_without_tensorrt(plugin_export: Path, tmp_path: Path, no_tensorrt) -> None:
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
+    engine = tmp_path / "built.engine"
+    engine.write_bytes(b"x")
+    opts = resolve_options(Manifest.load(plugin_export), plugin_lib=Path(PLUGIN))
+    package_engine(plugin_export, engine, tmp_path / "eng", opts)
+    with pytest.raises(BackendUnavailableError, match="TensorRT's Python package is not importable"):
+        TrtBackend(tmp_path / "eng")
+
+
+# -- the builder's calls, against a fake ``tensorrt`` module ------------------------------------
+#
+# These check what build_engine asks of TensorRT (flags, profiles, timing cache,
+# plugin serialization, the folder it writes), not TensorRT itself: the fake
+# follows the TensorRT 10 Python API as documented, and the real thing has not
+# run in this project (see docs/tensorrt.md).
+
+
+class _FakeTensor:
+    def __init__(self, name: str, dtype: str) -> None:
+        self.name, self.dtype = name, dtype
+
+
+class _FakeNetwork:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.inputs: list[_FakeTensor] = []
+        self.outputs: list[_FakeTensor] = []
+        self.layer_types: list[str] = []
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
+    num_layers = property(lambda self: len(self.layer_types))
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+    def get_output(self, i):
+        return self.outputs[i]
+
+    def get_layer(self, i):
+        return types.SimpleNamespace(type=self.layer_types[i])
+
+
+def _fake_tensorrt(version: str = "10.15.1.29", parse_ok: bool = True):
+    import onnx
+
+    calls: dict = {"flags": set(), "cleared": set(), "profiles": [], "parser_flags": [], "libraries": []}
+    np_to_trt = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64"}
+
+    class ILogger:
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self) -> None:
+            pass
+
+    class Parser:
+        def __init__(self, network, logger) -> None:
+            self.network, self.errors = network, []
+
+        def set_flag(self, flag) -> None:
+            calls["parser_flags"].append(flag)
+
+        def parse_from_file(self, path: str) -> bool:
+            if not parse_ok:
+                self.errors = ["In node 3 (DiJiangLinearAttention): UNSUPPORTED_NODE: no plugin\nsecond line"]
+                return False
+            graph = onnx.load(path, load_external_data=False).graph
+            dtype = lambda v: np_to_trt[onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name]  # noqa: E731
+            self.network.inputs = [_FakeTensor(v.name, dtype(v)) for v in graph.input]
+            self.network.outputs = [_FakeTensor(v.name, dtype(v)) for v in graph.output]
+            self.network.layer_types = ["PLUGIN_V3" if n.op_type == "DiJiangLinearAttention" else "OTHER"
+                                        for n in graph.node]
+            return True
+
+        num_errors = property(lambda self: len(self.errors))
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class Profile:
+        def __init__(self) -> None:
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi) -> None:
+            self.shapes[name] = (list(lo), list(opt), list(hi))
+
+    class Cache:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def serialize(self) -> bytes:
+            return self.data + b"+tuned"
+
+    class Config:
+        plugins_to_serialize: list = []
+
+        def set_memory_pool_limit(self, pool, size) -> None:
+            calls["workspace"] = (pool, size)
+
+        def set_flag(self, flag) -> None:
+            calls["flags"].add(flag)
+
+        def clear_flag(self, flag) -> None:
+            calls["cleared"].add(flag)
+
+        def add_optimization_profile(self, profile) -> int:
+            calls["profiles"].append(profile.shapes)
+            return len(calls["profiles"]) - 1
+
+        def create_timing_cache(self, data: bytes):
+            calls["cache_in"] = data
+            return Cache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch) -> bool:
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger) -> None:
+            pass
+
+        def create_network(self, flags: int):
+            calls["network_flags"] = flags
+            return _FakeNetwork(flags)
+
+        def create_builder_config(self):
+            calls["config"] = Config()
+            return calls["config"]
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls["plugins_to_serialize"] = list(config.plugins_to_serialize)
+            return b"fake plan"
+
+    class Registry:
+        def load_library(self, path):
+            calls["libraries"].append(path)
+            return object()
+
+        def get_creator(self, name, version, namespace):
+            return object() if (name, version, namespace) == ("DiJiangLinearAttention", "1", "dijiang") else None
+
+    registry = Registry()
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.ILogger, trt.Builder, trt.OnnxParser, trt.Runtime = ILogger, Builder, Parser, object
+    trt.get_plugin_registry = lambda: registry
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    trt.OnnxParserFlag = types.SimpleNamespace(NATIVE_INSTANCENORM=0, ENABLE_PLUGIN_OVERRIDE=3)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", VERSION_COMPATIBLE="VC")
+    trt.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3", PLUGIN_V2="PLUGIN_V2")
+    trt.FLOAT, trt.HALF, trt.INT64, trt.INT32 = "FLOAT", "HALF", "INT64", "INT32"
+    return trt, calls
+
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    from dijiang_deploy.build import builder
+
+    def install(**kwargs):
+        trt, calls = _fake_tensorrt(**kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(builder, "gpu_info", lambda device=0: ("Fake GPU", "9.0"))
+        monkeypatch.setattr(environment, "_LOADED", {})
+        return trt, calls
+
+    return install
+
+
+def test_build_engine_calls_and_folder(plugin_export: Path, tmp_path: Path, fake_trt) -> None:
+    _, calls = fake_trt()
+    lib = tmp_path / "libdijiang_trt_plugins.so"
+    lib.write_bytes(b"lib")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    man = Manifest.load(plugin_export)
+    opts = resolve_options(man, load_target("orin-nano-8gb"), plugin_lib=lib, serialize_plugins=True,
+                           timing_cache=cache, max_chunk=32)
+    out = tmp_path / "eng"
+    result = build_engine(plugin_export, out, opts)
+    assert calls["network_flags"] == 1 << 5  # STRONGLY_TYPED only: precision comes from the ONNX
+    assert calls["libraries"] == [str(lib.resolve())]
+    assert calls["parser_flags"] == []  # the override flag is for the function flavor
+    assert calls["workspace"] == ("workspace", 512 << 20)
+    assert calls["cleared"] == {"TF32"} and calls["flags"] == {"VC"}
+    assert calls["plugins_to_serialize"] == [str(lib)]
+    decode, prefill = calls["profiles"]
+    assert decode["input_ids"] == ([1, 1], [1, 1], [2, 1])
+    assert prefill["attention_mask"] == ([1, 2], [1, 32], [2, 32])
+    assert prefill["past_state.1"] == ([1, 4, 16, 16], [1, 4, 16, 16], [2, 4, 16, 16])
+    assert list(decode) == ["input_ids", "attention_mask", "past_position", "past_state.0", "past_state.1"]
+    assert calls["cache_in"] == b"old" and cache.read_bytes() == b"old+tuned"
+    assert (out / ENGINE_FILE).read_bytes() == b"fake plan"
+    em = EngineManifest.load(out)
+    assert em == result
+    assert (em.tensorrt_version, em.gpu_name, em.gpu_sm, em.plugin_layers) == ("10.15.1.29", "Fake GPU", "9.0", 2)
+    assert (em.plugins_serialized, em.version_compatible, em.target, em.max_chunk) == (True, True, "orin-nano-8gb", 32)
+    assert Manifest.load(out).max_chunk == 32
+
+
+def test_build_engine_parse_failure_is_one_line(plugin_export: Path, tmp_path: Path, fake_trt) -> None:
+    fake_trt(parse_ok=False)
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"lib")
+    with pytest.raises(DiJiangError) as info:
+        build_engine(plugin_export, tmp_path / "eng", resolve_options(Manifest.load(plugin_export), plugin_lib=lib))
+    message = str(info.value)
+    assert "cannot parse the graph: In node 3 (DiJiangLinearAttention): UNSUPPORTED_NODE" in message
+    assert "\n" not in message and not (tmp_path / "eng").exists()
+
+
+@pytest.mark.parametrize("version, flavor, expected", [
+    ("10.15.0", "function", [3]), ("10.14.1", "function", []), ("10.15.0", "plugin", []), ("10.3.0", "plugin", []),
+])
+def test_plugin_override_flag_only_for_function_on_10_15(plugin_export: Path, fake_trt, version, flavor, expected) -> None:
+    from dijiang_deploy.build.builder import _parse
+
+    trt, calls = fake_trt(version=version)
+    _parse(trt, _FakeNetwork(0), None, plugin_export / "model.onnx", flavor)
+    assert calls["parser_flags"] == expected
+
+
+# -- TrtBackend's buffer logic, with CPU tensors and a fake engine --------------------------------
+#
+# The fake engine's execute_async_v3 reads its inputs from the bound addresses,
+# runs the same step graph on ONNX Runtime and writes the outputs to the bound
+# addresses. torch CPU tensors stand in for CUDA tensors and CUDA graphs are
+# off, so this checks the backend's bookkeeping (binding sets, ping-pong state,
+# positions, logits copies, the greedy path) but not CUDA, graphs or TensorRT.
+
+
+def _fake_runtime(engine_manifest: EngineManifest, ort_backend):
+    import ctypes
+
+    import numpy as np
+
+    names_in = [t["name"] for t in engine_manifest.inputs]
+    names_out = [t["name"] for t in engine_manifest.outputs]
+    dtypes = {t["name"]: t["dtype"] for t in engine_manifest.inputs + engine_manifest.outputs}
+    log: dict = {"contexts": 0, "executions": []}
+
+    class Context:
+        def __init__(self) -> None:
+            self.shapes, self.addresses, self.profile = {}, {}, None
+            log["contexts"] += 1
+
+        def set_device_memory(self, ptr, size) -> None:
+            self.scratch = (ptr, size)
+
+        def set_optimization_profile_async(self, index, stream) -> bool:
+            self.profile = index
+            return True
+
+        def set_input_shape(self, name, shape) -> bool:
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, ptr) -> bool:
+            self.addresses[name] = ptr
+            return True
+
+        def _array(self, name, shape):
+            dtype = np.dtype(dtypes[name])
+            buf = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(self.addresses[name])
+            return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+        def execute_async_v3(self, stream) -> bool:
+            feeds = {n: self._array(n, self.shapes[n]).copy() for n in names_in}
+            outs = ort_backend.session.run(names_out, feeds)
+            for name, value in zip(names_out, outs):
+                self._array(name, value.shape)[...] = value
+            log["executions"].append((self.profile, feeds["input_ids"].shape[1], self.addresses["past_state.0"]))
+            return True
+
+    class Engine:
+        num_io_tensors = len(names_in) + len(names_out)
+        num_optimization_profiles = len(engine_manifest.profiles)
+        device_memory_size_v2 = 1024
+
+        def get_tensor_name(self, i):
+            return (names_in + names_out)[i]
+
+        def get_tensor_mode(self, name):
+            return "in" if name in names_in else "out"
+
+        def get_tensor_dtype(self, name):
+            return dtypes[name]
+
+        def get_tensor_profile_shape(self, name, k):
+            r = engine_manifest.profiles[k].shapes[name]
+            return [r.min, r.opt, r.max]
+
+        def create_execution_context(self, strategy):
+            assert strategy == "user-managed"
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine() if data == b"fake plan" else None
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.15.1.29"
+    trt.Builder, trt.Runtime = object, Runtime
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user-managed")
+    trt.get_plugin_registry = lambda: types.SimpleNamespace(
+        load_library=lambda path: object(), get_creator=lambda *a: object()
+    )
+    return trt, log
+
+
+class _FakeTorch:
+    """torch with a ``cuda`` namespace that runs on the CPU."""
+
+    def __init__(self) -> None:
+        import contextlib
+
+        import torch
+
+        self._torch = torch
+
+        class Stream:
+            cuda_stream = 0
+
+            def __init__(self, device=None) -> None:
+                pass
+
+            def synchronize(self) -> None:
+                pass
+
+        self.cuda = types.SimpleNamespace(
+            is_available=lambda: True,
+            Stream=Stream,
+            stream=lambda s: contextlib.nullcontext(),
+            device=lambda d: contextlib.nullcontext(),
+        )
+
+    def device(self, kind, index=None):
+        return self._torch.device("cpu")
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+
+@pytest.fixture
+def fake_backend(plugin_export: Path, tmp_path: Path, monkeypatch):
+    pytest.importorskip("onnxruntime_extensions")
+    from dijiang_deploy.runtime import trt_backend
+    from dijiang_deploy.runtime.ort_backend import OrtBackend
+
+    lib = tmp_path / "libdijiang_trt_plugins.so"
+    lib.write_bytes(b"lib")
+    engine = tmp_path / "built.engine"
+    engine.write_bytes(b"fake plan")
+    opts = resolve_options(Manifest.load(plugin_export), max_batch=2, max_chunk=16, plugin_lib=lib)
+    em = package_engine(plugin_export, engine, tmp_path / "eng", opts)
+    trt, log = _fake_runtime(em, OrtBackend(plugin_export))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_backend, "_import_torch_cuda", lambda: _FakeTorch())
+    monkeypatch.setattr(trt_backend, "gpu_info", lambda device=0: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(trt_backend.TrtBackend, "_host_buffer", lambda self, shape, dtype: self._torch.zeros(shape, dtype=dtype))
+    monkeypatch.setattr(environment, "_LOADED", {})
+    return tmp_path / "eng", log
+
+
+ROWS = [[5, 17, 3, 88, 41, 9, 23, 60, 2, 71, 14, 33, 8, 50, 19, 27, 66, 4, 91, 12, 7], [44, 3, 29, 81, 6, 58, 10]]
+
+
+def test_trt_backend_bookkeeping_matches_ort(fake_backend, plugin_export: Path) -> None:
+    import numpy as np
+
+    from dijiang_deploy.runtime import Generator
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
+    folder, log = fake_backend
+    backend = TrtBackend(folder, cuda_graphs=False)
+    gen = Generator(backend)
+    ref = Generator.from_pretrained(plugin_export, load_tokenizer=False)
+    ref.manifest.max_chunk = ref.backend.manifest.max_chunk = 16  # same chunking as the engine
+    assert gen.manifest.max_chunk == 16
+
+    ids = np.random.default_rng(0).integers(3, 100, size=(2, 21))
+    np.testing.assert_array_equal(gen.score(ids), ref.score(ids))
+    gen._prefill(ROWS)
+    ref._prefill(ROWS)
+    for got, want in zip(backend.state, ref.backend.state):
+        np.testing.assert_array_equal(got, want)
+    assert backend.position.tolist() == ref.backend.position.tolist() == [21, 7]
+    assert backend.state_nbytes() == ref.backend.state_nbytes()
+
+    want = ref.generate(ROWS, max_new_tokens=12).token_ids
+    assert gen.generate(ROWS, max_new_tokens=12).token_ids == want
+    assert backend.generate_greedy(ROWS, 12, eos_ids=ref._eos_ids()) == want
+    # Binding sets: (L, side) -> one context each, decode on profile 0, prefill on 1;
+    # consecutive executions alternate the state buffer they read.
+    assert log["contexts"] == 4
+    assert {(p, length) for p, length, _ in log["executions"]} == {(0, 1), (1, 16)}
+    decode_reads = [addr for p, length, addr in log["executions"] if length == 1][-6:]
+    assert decode_reads[0::2] != decode_reads[1::2] and len(set(decode_reads)) == 2
+
+
+def test_trt_backend_refusals(fake_backend) -> None:
+    import json
+
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
+    folder, _ = fake_backend
+    backend = TrtBackend(folder, cuda_graphs=False)
+    with pytest.raises(DiJiangError, match=r"batch 3 is outside this engine's 1..2"):
+        backend.allocate(3)
+    meta = json.loads((folder / ENGINE_MANIFEST).read_text())
+    (folder / ENGINE_MANIFEST).write_text(json.dumps(meta | {"gpu_sm": "8.7", "gpu_name": "Orin"}))
+    with pytest.raises(DiJiangError, match=r"engine built for Orin \(SM 8.7\) cannot run on Fake GPU \(SM 9.0\)"):
+        TrtBackend(folder)
+    (folder / ENGINE_MANIFEST).write_text(json.dumps(meta | {"tensorrt_version": "10.3.0"}))
+    with pytest.raises(DiJiangError, match="engine built with TensorRT 10.3.0, this is 10.15.1.29"):
+        TrtBackend(folder)
+    (folder / ENGINE_MANIFEST).write_text(json.dumps(meta))
+    (folder / ENGINE_FILE).write_bytes(b"corrupt")
+    with pytest.raises(DiJiangError, match="cannot deserialize it"):
+        TrtBackend(folder)
