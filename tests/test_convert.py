@@ -89,19 +89,19 @@ def test_convert_cli_from_hf_folder(tmp_path, capsys):
 
 
 @requires_smollm2
-def test_convert_smollm2_cli_reloads_identically(tmp_path, capsys):
-    from dijiang_deploy.convert import convert
+def test_convert_smollm2_cli_reloads_identically(smollm2_dir):
+    """``dijiang-deploy convert --model smollm2`` (the session fixture runs the
+    CLI) reloads with logits identical to a conversion kept in memory."""
+    from dijiang_deploy.convert import convert_base, load_base
 
-    out = tmp_path / "smol"
-    assert main(["convert", "--model", "smollm2", "-o", str(out), "-q"]) == 0
-    assert "30 layers x 9 heads" in capsys.readouterr().out
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        assert (out / name).exists(), name
-    reloaded = load_model(out)
-    in_memory = convert("smollm2", tmp_path / "again", progress=False)
+        assert (smollm2_dir / name).exists(), name
+    reloaded = load_model(smollm2_dir)
+    in_memory = convert_base(load_base("smollm2"), progress=False)
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1234, 28]])
     with torch.no_grad():
         a = reloaded(ids, "chunked").logits
         b = in_memory(ids, "chunked").logits
     assert torch.equal(a, b)
     assert reloaded.config.family == "llama" and reloaded.config.num_kv_heads == 3
+    assert reloaded.config.dijiang.source.startswith("gguf SmolLM2")

@@ -95,12 +95,12 @@ def test_smollm2_export_parity_and_fp16(smollm2_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smol")
     export_model(load_model(smollm2_dir), out / "fp32", ExportOptions(logits="all"), tokenizer_dir=smollm2_dir)
-    report = verify(out / "fp32", smollm2_dir, tokens=160, greedy_tokens=64)
+    report = verify(out / "fp32", smollm2_dir, tokens=96, greedy_tokens=64)
     assert report.greedy_identical and report.top1_agreement == 1.0 and report.ok, report
     # The untrained conversion is ill-conditioned (GroupNorm over near-constant
     # groups), so float32 itself is only good to ~5e-3 here: judge the export
     # against a float64 evaluation, next to PyTorch's own float32 error.
-    ids = np.random.default_rng(0).integers(0, 49152, size=(1, 160))
+    ids = np.random.default_rng(0).integers(0, 49152, size=(1, 96))
     with torch.no_grad():
         exact = load_model(smollm2_dir, dtype=torch.float64)(torch.from_numpy(ids), "parallel").logits.numpy()
         torch32 = load_model(smollm2_dir)(torch.from_numpy(ids), "chunked").logits.numpy()
