@@ -130,3 +130,18 @@ def test_smollm2_export_parity_and_fp16(smollm2_dir, tmp_path_factory):
     last = gen16._prefill(long_ids.tolist())
     assert np.isfinite(last).all()
     assert all(np.isfinite(s).all() for s in gen16.backend.state)
+
+
+@requires_smollm2
+def test_eval_onnx_folder_matches_checkpoint(smollm2_dir, tmp_path):
+    """``evaluate`` over an ONNX export (real runtime) equals the PyTorch path."""
+    from dijiang_deploy.checkpoint import save_checkpoint
+    from dijiang_deploy.finetune.evaluate import evaluate
+
+    model = random_model("llama", seed=0, vocab_size=49152)
+    ck = save_checkpoint(model, tmp_path / "ck", tokenizer_dir=smollm2_dir)
+    export_model(model, tmp_path / "onnx", ExportOptions(logits="all", max_chunk=32), tokenizer_dir=smollm2_dir)
+    a = evaluate(ck, max_tokens=300, window=128)
+    b = evaluate(tmp_path / "onnx", max_tokens=300, window=128)
+    assert a.tokens == b.tokens > 200
+    assert abs(a.nll - b.nll) < 1e-5

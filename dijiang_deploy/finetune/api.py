@@ -25,7 +25,7 @@ from .e2e import distill_loss
 from .evaluate import evaluate
 from .lora import add_adapters, merge_adapters
 from .teacher import SoftmaxTeacher, load_teacher, recorded_source
-from .transfer import DecayRates, TeacherCache, build_cache, transfer_loss
+from .transfer import DecayRates, TeacherCache, build_cache, refit_output, transfer_loss
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,30 @@ def autocast_enabled(mode: str) -> bool:
         return False
 
 
+def _refit(
+    student: DiJiangForCausalLM,
+    cache: TeacherCache,
+    decay: DecayRates | None,
+    cfg: FinetuneConfig,
+    seed: int,
+    trained: set[str],
+    log_to: list[float],
+    progress: bool,
+) -> None:
+    """Least-squares refit of the output projections (see ``Stage1Config.refit_output``)."""
+    gen = torch.Generator().manual_seed(seed * 31 + 7)
+    rows = torch.randperm(cache.ids.shape[0], generator=gen)[: cfg.stage1.refit_rows]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast)):
+        losses = refit_output(student, cache, rows, cfg.stage1.ridge, decay)
+    log_to.append(sum(losses) / len(losses))
+    if progress:
+        print(f"refit output projections: mean relative attention MSE {log_to[-1]:.4f} on {len(rows)} sequences")
+    for name, _ in student.named_parameters():
+        if name.endswith(("o_proj.weight", "o_proj.bias", "dense.weight", "dense.bias", "o_proj.base.weight",
+                          "o_proj.base.bias", "dense.base.weight", "dense.base.bias")) and ".mlp." not in name:
+            trained.add(name)
+
+
 def _split_steps(steps: int | None, cfg: FinetuneConfig) -> None:
     if steps is None:
         return
@@ -344,16 +368,17 @@ def finetune(
             raise DiJiangError(f"budget_minutes must be > 0, got {budget_minutes}")
         cfg.budget_minutes = float(budget_minutes)
     _split_steps(steps, cfg)
+    if cfg.data.generated is None:
+        cfg.data.generated = 32 if (steps is not None or cfg.budget_minutes >= 6) else 0
     if lora_rank < 0:
         raise DiJiangError(f"lora_rank must be >= 0, got {lora_rank}")
     if out_dir.exists() and not overwrite:
         raise DiJiangError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    if data is not None and not Path(data).exists():
-        raise DataError(f"{data}: no such file or directory")
+    if data is not None:
+        read_text_source(data)  # fail on missing/empty text before loading models
     if not (model_dir / "config.json").exists():
         raise CheckpointError(f"{model_dir}: not a DiJiang checkpoint folder (no config.json)")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.resolved_threads())
     torch.manual_seed(seed)
 
     student = load_model(model_dir)
@@ -410,6 +435,7 @@ def finetune(
         start_stage, start_step = state["stage"], state["step"]
 
     n_seq = ids.shape[0]
+    refits: list[float] = []
     trained: set[str] = set(state["params"]) - {"__decay__"} if state is not None else set()
     for stage in (1, 2):
         if stage == 2 and not cfg.stage2.enabled:
@@ -437,6 +463,8 @@ def finetune(
             phase_start_used = used()
         if sc_steps == 0:
             continue
+        if stage == 1 and step == 0 and cfg.stage1.refit_output:
+            _refit(student, cache, decay, cfg, seed, trained, refits, progress)
         bar = tqdm(
             total=sc_steps, initial=step, desc=f"stage {stage}: {'attention transfer' if stage == 1 else 'distillation'}",
             unit="step", disable=not progress,
@@ -481,6 +509,8 @@ def finetune(
             if on_step is not None:
                 on_step(stage, step, value)
         bar.close()
+        if stage == 1 and cfg.stage1.refit_output:
+            _refit(student, cache, decay, cfg, seed, trained, refits, progress)
         state = None
 
     # -- finalise: plain checkpoint ------------------------------------------
@@ -504,10 +534,12 @@ def finetune(
         "stage1_loss": [h1[0], h1[-1]] if h1 else None,
         "stage2_loss": [h2[0], h2[-1]] if h2 else None,
         "adapters_merged": merged,
+        "refit_mse": refits,
         "decay_gamma": decay.gammas() if decay is not None else None,
         "heldout_perplexity": heldout,
         "seconds": round(used(), 1),
         "bf16_autocast": use_bf16,
+        "threads": torch.get_num_threads(),
         "source_checkpoint": str(model_dir),
     }
     student.config.raw["dijiang_finetune"] = {k: v for k, v in record.items() if k not in ("decay_gamma",)}

@@ -41,10 +41,11 @@ def _finetune(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from .config import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     result = evaluate(
         args.model_dir, args.data, teacher=args.teacher, window=args.window, max_tokens=args.max_tokens,
         tokenizer=args.tokenizer,
@@ -92,8 +93,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, default=0, help="low-rank adapters on q/k/v/o (0: none)")
     p.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True, help="end-to-end distillation stage")
-    p.add_argument("--generated", type=int, help="teacher-written chat answers added to the built-in text")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--generated", type=int,
+        help="chat answers the teacher writes from built-in prompts, added to the built-in text "
+        "(default: 32 for budgets >= 6 min, else 0)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads (default: CPU count - 1, at least 1)")
     p.add_argument("--no-resume", action="store_true", help="ignore state left by an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -106,7 +111,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: MODEL_DIR's)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default: CPU count - 1, at least 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--chat", action="store_true", help="also print greedy answers to a few chat questions")
     p.add_argument("--chat-tokens", type=int, default=60, help="max new tokens per chat answer")

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import os
 from typing import Any
+
+
+def default_threads() -> int:
+    """One less than the CPU count, at least 1 (see ``FinetuneConfig.threads``)."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @dataclass
@@ -16,7 +22,9 @@ class DataConfig:
             them and its per-layer attention inputs/outputs cached in bf16,
             ``layers * 2 * hidden * 2`` bytes per token: 69 KB for SmolLM2).
         generated: number of chat answers the teacher writes from the built-in
-            prompts (0: none); used only when no user data is given.
+            prompts, used only when no user data is given; None: 32 when the
+            budget is at least 6 minutes (or steps are given), else 0 (at
+            ~3 s per answer on 2 busy cores it would eat a short budget).
         generated_tokens: maximum new tokens per generated answer.
         builtin_chars: characters of local text (package descriptions, stdlib
             docstrings) read for the built-in corpus.
@@ -24,7 +32,7 @@ class DataConfig:
 
     seq_len: int = 256
     max_tokens: int = 16_384
-    generated: int = 0
+    generated: int | None = None
     generated_tokens: int = 160
     builtin_chars: int = 3_000_000
 
@@ -42,6 +50,13 @@ class Stage1Config:
         train_qk: also train the query/key projections (GPT-NeoX: the fused qkv).
         train_decay: train one decay rate per head (tables stay geometric).
         lr_decay: learning rate of the decay parameters ``log(1 - gamma)``.
+        refit_output: before the first and after the last stage-1 step,
+            replace each layer's output projection by the ridge least-squares
+            fit of the teacher's attention output on ``refit_rows`` cached
+            sequences (exact optimum of the stage-1 loss for that weight;
+            seconds on CPU).
+        refit_rows: cached sequences used by the refit.
+        ridge: ridge strength relative to the mean diagonal of the Gram matrix.
     """
 
     steps: int | None = None
@@ -52,6 +67,9 @@ class Stage1Config:
     train_qk: bool = True
     train_decay: bool = True
     lr_decay: float = 2e-2
+    refit_output: bool = True
+    refit_rows: int = 16
+    ridge: float = 1e-2
 
 
 @dataclass
@@ -79,7 +97,7 @@ class Stage2Config:
     lr: float = 3e-4
     top_k: int = 64
     ce_weight: float = 0.0
-    train: str = "attention"
+    train: str = "all"
 
 
 @dataclass
@@ -93,7 +111,10 @@ class FinetuneConfig:
         lora_rank: 0: no adapters (stage 1 trains q/k fully, stage 2 the
             attention projections); R > 0: rank-R adapters on q/k/v/o in both
             stages, merged into the weights before saving.
-        threads: torch threads (None: torch's default).
+        threads: torch threads; None: one less than the CPU count (at
+            least 1). On a busy 2-core machine two OpenMP threads were
+            measured 13x slower per step than one (threads spin-waiting on a
+            preempted partner), so the default leaves a core free.
         checkpoint_every_s: how often resumable state is written.
         autocast: ``auto`` runs the teacher pass and both stages' matmuls in
             bfloat16 (``torch.autocast``) when the CPU has native bf16
@@ -113,6 +134,10 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolved_threads(self) -> int:
+        """The torch thread count this run uses (see ``threads``)."""
+        return self.threads if self.threads else default_threads()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":

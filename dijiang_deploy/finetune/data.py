@@ -17,7 +17,6 @@ import logging
 import random
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -252,18 +251,6 @@ PROMPTS: tuple[str, ...] = (
     "What is a black hole?",
     "Give me a plan for learning to run 5 kilometres.",
 )
-
-
-@dataclass
-class TokenBatches:
-    """Fixed-length training sequences.
-
-    Attributes:
-        ids: ``[S, L]`` int64, S sequences of L tokens (documents packed and
-            separated by ``sep`` when given).
-    """
-
-    ids: torch.Tensor
 
 
 def pack(docs: Sequence[list[int]], seq_len: int, max_tokens: int, seed: int, sep: int | None = None) -> torch.Tensor:

@@ -142,3 +142,56 @@ def transfer_loss(
         losses.append(relative_mse(y_hat, cache.y[i, rows]))
     total = torch.stack(losses).mean()
     return total, [float(v.detach()) for v in losses]
+
+
+@torch.no_grad()
+def refit_output(
+    model: DiJiangForCausalLM,
+    cache: TeacherCache,
+    rows: torch.Tensor,
+    ridge: float = 1e-2,
+    decay: DecayRates | None = None,
+) -> list[float]:
+    """Least-squares refit of each layer's output projection (``o_proj``/``dense``).
+
+    The attention block ends in a linear map of the gated, normalised DiJiang
+    output ``z [T, D]``; for fixed ``z`` the weight (and bias, if any) that
+    minimises ``||z W^T + b - y||^2`` against the teacher's output ``y`` is a
+    ``D x D`` ridge regression, solved in float64 over the cached sequences
+    ``rows``. Ridge ``ridge * mean(diag(z^T z))`` keeps it well posed.
+
+    Returns:
+        per layer, the relative MSE after the refit on those rows.
+    """
+    if decay is not None:
+        decay.install()
+    b, n = len(rows), cache.ids.shape[1]
+    positions, cos, sin = layer_inputs(model, n, b)
+    state = torch.zeros(b, *model.config.state_shape)
+    after = []
+    for i, attn in enumerate(model.attention_layers()):
+        proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
+        base = getattr(proj, "base", proj)  # LoRA-wrapped: refit the frozen base weight
+        captured: list[torch.Tensor] = []
+        handle = proj.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach()))
+        try:
+            attn(cache.x[i, rows].float(), cos, sin, positions, None, state, mode="chunked", chunk_size=64)
+        finally:
+            handle.remove()
+        z = captured[0].reshape(-1, captured[0].shape[-1]).double()
+        y = cache.y[i, rows].reshape(-1, z.shape[1]).double()
+        if base.bias is not None:
+            z = torch.cat((z, torch.ones(len(z), 1, dtype=z.dtype)), dim=1)
+        gram = z.T @ z
+        gram += torch.eye(len(gram), dtype=gram.dtype) * ridge * gram.diagonal().mean()
+        w = torch.linalg.solve(gram, z.T @ y).T  # [D, D(+1)]
+        if hasattr(proj, "lora_B"):
+            proj.lora_B.zero_()  # the adapter restarts from the refitted weight
+        if base.bias is not None:
+            base.weight.copy_(w[:, :-1].to(base.weight.dtype))
+            base.bias.copy_(w[:, -1].to(base.bias.dtype))
+        else:
+            base.weight.copy_(w.to(base.weight.dtype))
+        pred = (z @ w.T).float()
+        after.append(float(relative_mse(pred, y.float())))
+    return after

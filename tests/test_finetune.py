@@ -1,0 +1,366 @@
+"""Fine-tuning (issue #6) on tiny models: teacher parity, both stages, adapters,
+resume, evaluation and input errors. Runs in seconds on one CPU core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dijiang_deploy import load_model
+from dijiang_deploy.checkpoint import read_weights, save_checkpoint
+from dijiang_deploy.convert import BaseModel, convert, convert_base
+from dijiang_deploy.errors import CheckpointError, DiJiangError
+from dijiang_deploy.finetune import DataError, FinetuneConfig, SoftmaxTeacher, evaluate, finetune
+from dijiang_deploy.finetune.cli import add_parsers
+from dijiang_deploy.finetune.data import ByteTokenizer
+from dijiang_deploy.finetune.lora import LoRALinear, add_adapters, merge_adapters
+from dijiang_deploy.testing import random_base, random_model
+
+NOUNS = ["cat", "dog", "bird", "fish", "girl", "boy", "farmer", "robot", "teacher", "horse"]
+VERBS = ["sees", "likes", "follows", "helps", "finds", "calls", "draws", "feeds"]
+PLACES = ["in the garden", "near the river", "at school", "on the hill", "under the tree", "by the sea"]
+
+
+def sentences(n: int, seed: int) -> str:
+    """Toy English with structure a tiny model can learn (byte level)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        out.append(f"the {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)} {rng.choice(PLACES)}.")
+    return " ".join(out) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pretrained_base(family: str, steps: int = 120) -> BaseModel:
+    """A tiny softmax model trained briefly on :func:`sentences` (a teacher worth imitating)."""
+    base = random_base(family, seed=11)
+    teacher = SoftmaxTeacher.from_base(base)
+    model = teacher.model.requires_grad_(True).train()
+    tok = ByteTokenizer(model.config.vocab_size)
+    ids = torch.tensor(tok.encode(sentences(400, seed=1)))
+    n = 64
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - n - 1, (8,), generator=gen)
+        batch = torch.stack([ids[s : s + n] for s in starts])
+        logits, _ = teacher.run(batch)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    leaves = ("proj_matrix", "W_G", "D1", "D2", "group_norm.weight", "group_norm.bias")
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(leaves)}
+    return BaseModel(base.raw_config, tensors, f"tiny pretrained {family}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A pretrained tiny LLaMA teacher, its unconverted DiJiang student folder, and texts."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = _pretrained_base("llama")
+    root = tmp_path_factory.mktemp("ft")
+    student_dir = save_checkpoint(convert_base(base, progress=False), root / "student")
+    train = root / "train.txt"
+    train.write_text(sentences(300, seed=2))
+    heldout = root / "heldout.txt"
+    heldout.write_text(sentences(60, seed=3))
+    return {
+        "teacher": SoftmaxTeacher.from_base(base),
+        "dir": student_dir,
+        "train": train,
+        "heldout": heldout,
+        "tok": ByteTokenizer(base.raw_config["vocab_size"]),
+        "root": root,
+    }
+
+
+def small_config(**stage1) -> FinetuneConfig:
+    cfg = FinetuneConfig(checkpoint_every_s=0.0)
+    cfg.data.seq_len = 64
+    cfg.stage1.batch = 4
+    cfg.stage2.batch = 4
+    for k, v in stage1.items():
+        setattr(cfg.stage1, k, v)
+    return cfg
+
+
+# -- teacher -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_teacher_matches_transformers(family):
+    import transformers
+
+    base = random_base(family, seed=4)
+    cls_cfg = transformers.LlamaConfig if family == "llama" else transformers.GPTNeoXConfig
+    cls_model = transformers.LlamaForCausalLM if family == "llama" else transformers.GPTNeoXForCausalLM
+    hf = cls_model(cls_cfg(**base.raw_config)).eval()
+    # transformers 5 names the GPT-NeoX head lm_head (checkpoints: embed_out).
+    tensors = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in base.tensors.items()}
+    if base.raw_config["tie_word_embeddings"]:
+        tensors.pop("lm_head.weight")  # our loader ties the head to the embedding
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    ids = torch.randint(0, base.raw_config["vocab_size"], (2, 24))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours, traces = SoftmaxTeacher.from_base(base)(ids, trace=True)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+    assert len(traces) == base.raw_config["num_hidden_layers"] and traces[0].x.shape == (2, 24, 64)
+
+
+def test_teacher_generation_with_padding_matches_unpadded():
+    teacher = SoftmaxTeacher.from_base(random_base("llama", seed=6))
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    together = teacher.generate(prompts, 6, temperature=0)
+    alone = [teacher.generate([p], 6, temperature=0)[0] for p in prompts]
+    assert together == alone
+
+
+# -- stage 1 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_attention_transfer_loss_falls(tmp_path, family):
+    base = random_base(family, seed=2)
+    src = save_checkpoint(convert_base(base, progress=False), tmp_path / "in")
+    text = tmp_path / "t.txt"
+    text.write_text(sentences(200, seed=5))
+    losses: list[float] = []
+    finetune(
+        src, tmp_path / "out", data=text, teacher=SoftmaxTeacher.from_base(base), steps=12, stage2=False,
+        progress=False, config=small_config(refit_output=False),
+        on_step=lambda stage, step, loss: losses.append(loss),
+    )
+    assert len(losses) == 12
+    assert losses[0] > 0.2, "untrained DiJiang attention should be far from softmax attention"
+    assert min(losses[-3:]) < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_output_refit_solves_the_least_squares_problem(family):
+    from dijiang_deploy.finetune.transfer import build_cache, refit_output, transfer_loss
+
+    base = random_base(family, seed=2)
+    teacher, student = SoftmaxTeacher.from_base(base), convert_base(base, progress=False)
+    ids = torch.randint(0, 90, (16, 64), generator=torch.Generator().manual_seed(0))
+    cache = build_cache(teacher, ids, 8, progress=False)
+    fit, held = torch.arange(8), torch.arange(8, 16)
+    before = transfer_loss(student, cache, held)[0].item()
+    fitted = refit_output(student, cache, fit, ridge=1e-2)
+    after = transfer_loss(student, cache, held)[0].item()
+    assert after < 0.5 * before, (before, after)
+    # The fit is optimal: nudging the refitted weight cannot lower the loss on the fit rows.
+    attn = student.attention_layers()[0]
+    proj = attn.o_proj if family == "llama" else attn.dense
+    with torch.no_grad():
+        proj.weight.add_(torch.randn_like(proj.weight) * 1e-2)
+    assert transfer_loss(student, cache, fit)[1][0] > fitted[0]
+
+
+# -- quality, adapters, decay ------------------------------------------------------
+
+
+def test_finetune_improves_heldout_perplexity(trained, tmp_path):
+    teacher, tok = trained["teacher"], trained["tok"]
+    before = evaluate(trained["dir"], trained["heldout"], teacher=teacher, window=128, tokenizer=tok)
+    result = finetune(
+        trained["dir"], tmp_path / "out", data=trained["train"], teacher=teacher, steps=60, lora_rank=4,
+        progress=False, config=small_config(),
+    )
+    after = evaluate(tmp_path / "out", trained["heldout"], teacher=teacher, window=128, tokenizer=tok)
+    assert result.stage1_steps == 30 and result.stage2_steps == 30
+    assert result.stage1_loss[1] < result.stage1_loss[0] and result.stage2_loss[1] < result.stage2_loss[0]
+    # The teacher learned the toy language; the untrained student did not.
+    assert before.teacher_perplexity < 0.5 * before.perplexity
+    assert after.perplexity < 0.7 * before.perplexity, (before, after)
+    assert after.top1_agreement > before.top1_agreement + 0.03, (before, after)
+    record = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert record["stage2_steps"] == 30 and record["adapters_merged"] == 2 * 4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dijiang_finetune"]["settings"]["lora_rank"] == 4
+
+
+def test_output_is_a_plain_checkpoint_with_geometric_decay(trained, tmp_path):
+    out = tmp_path / "out"
+    finetune(trained["dir"], out, data=trained["train"], teacher=trained["teacher"], steps=6, lora_rank=2,
+             progress=False, config=small_config(lr_decay=0.2))
+    before, after = read_weights(trained["dir"]), read_weights(out)
+    assert sorted(before) == sorted(after), "no adapter tensors may remain"
+    for name, t in before.items():
+        assert after[name].shape == t.shape and after[name].dtype == t.dtype, name
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any(n.endswith("q_proj.weight") for n in changed), "adapters were not merged into the weights"
+    assert any(n.endswith(".D1") for n in changed), "trained decay was not written back"
+    assert "model.embed_tokens.weight" not in changed, "embeddings and head stay frozen"
+    model = load_model(out)
+    assert all(a.geometric for a in model.attention_layers()), "decay tables must stay geometric"
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        a = model(ids, "parallel").logits
+        b = model(ids, "recurrent").logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_lora_merge_is_exact():
+    lin = torch.nn.Linear(16, 8)
+    wrapped = LoRALinear(lin, 3, seed=1)
+    with torch.no_grad():
+        wrapped.lora_B.normal_()
+    x = torch.randn(5, 16)
+    y = wrapped(x)
+    parent = torch.nn.Module()
+    parent.proj = wrapped
+    assert merge_adapters(parent) == 1
+    assert type(parent.proj) is torch.nn.Linear
+    assert torch.allclose(parent.proj(x), y, atol=1e-5)
+
+
+def test_adapters_wrap_neox_projections():
+    model = random_model("gpt_neox")
+    attn = model.attention_layers()[0]
+    params = add_adapters(attn, 2)
+    assert len(params) == 4 and isinstance(attn.query_key_value, LoRALinear)
+    assert merge_adapters(model) == 2 and isinstance(attn.dense, torch.nn.Linear)
+
+
+# -- resume --------------------------------------------------------------------
+
+
+def test_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):
+    kwargs = dict(data=trained["train"], teacher=trained["teacher"], steps=10, lora_rank=2, progress=False)
+    finetune(trained["dir"], tmp_path / "straight", config=small_config(), **kwargs)
+
+    def stop_at(stage, step, loss):
+        if stage == 2 and step == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(trained["dir"], out, config=small_config(), on_step=stop_at, **kwargs)
+    assert not out.exists() and (tmp_path / ".resumed.finetune-work" / "state.pt").exists()
+    seen: list[tuple[int, int]] = []
+    result = finetune(trained["dir"], out, config=small_config(), on_step=lambda s, i, l: seen.append((s, i)), **kwargs)
+    assert seen[0] == (2, 3), f"resumed from {seen[0]}, expected stage 2 step 3"
+    assert result.stage1_steps == 5 and result.stage2_steps == 5
+    assert not (tmp_path / ".resumed.finetune-work").exists()
+    a, b = read_weights(tmp_path / "straight"), read_weights(out)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+# -- evaluation ----------------------------------------------------------------
+
+
+def test_evaluate_matches_manual_windowed_perplexity(tmp_path):
+    model = random_model("gpt_neox", seed=1)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 30)
+    tok = ByteTokenizer(model.config.vocab_size)
+    ids = torch.tensor(tok.encode(text.read_text()))
+    result = evaluate(model, text, window=100, tokenizer=tok)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), 100):
+        w = ids[start : start + 100][None]
+        with torch.no_grad():
+            logq = torch.log_softmax(model(w).logits[0, :-1], -1)
+        nll -= float(logq.gather(-1, w[0, 1:, None]).sum())
+        count += w.shape[1] - 1
+    assert result.tokens == count and result.windows == math.ceil(len(ids) / 100)
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_evaluate_onnx_folder_uses_the_runtime(tmp_path, monkeypatch):
+    runtime = pytest.importorskip("dijiang_deploy.runtime")
+    model = random_model("llama", seed=1)
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    calls = []
+
+    class FakeGenerator:
+        @classmethod
+        def from_pretrained(cls, path):
+            calls.append(Path(path))
+            return cls()
+
+        def score(self, input_ids):
+            with torch.no_grad():
+                return model(torch.as_tensor(input_ids)).logits.numpy()
+
+    monkeypatch.setattr(runtime, "Generator", FakeGenerator)
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score " * 20)
+    tok = ByteTokenizer(model.config.vocab_size)
+    got = evaluate(folder, text, tokenizer=tok)
+    ref = evaluate(model, text, tokenizer=tok)
+    assert calls == [folder]
+    assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
+
+
+# -- defaults and errors ---------------------------------------------------------
+
+
+def test_default_teacher_is_the_recorded_source(tmp_path):
+    from safetensors.torch import save_file
+
+    base = random_base("llama", seed=8)
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(base.raw_config))
+    save_file({k: v.contiguous() for k, v in base.tensors.items() if k != "lm_head.weight"}, str(src / "model.safetensors"))
+    convert(src, tmp_path / "dj", progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text(sentences(50, seed=1))
+    result = finetune(tmp_path / "dj", tmp_path / "out", data=text, steps=2, progress=False, config=small_config())
+    assert result.record["teacher"] == str(src)
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_bad_inputs_raise_user_errors(trained, tmp_path):
+    d = str(trained["dir"])
+    with pytest.raises(DataError, match="no such file"):
+        _cli(["finetune", d, "-o", str(tmp_path / "o"), "--data", str(tmp_path / "missing.txt")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="no text"):
+        finetune(d, tmp_path / "o", data=empty, teacher=trained["teacher"], steps=2, progress=False)
+    (tmp_path / "nodocs").mkdir()
+    with pytest.raises(DataError, match="no text files"):
+        finetune(d, tmp_path / "o", data=tmp_path / "nodocs", teacher=trained["teacher"], steps=2, progress=False)
+    with pytest.raises(CheckpointError, match="not a DiJiang checkpoint"):
+        _cli(["finetune", str(tmp_path), "-o", str(tmp_path / "o"), "--data", str(trained["train"])])
+    with pytest.raises(DiJiangError, match="already exists"):
+        finetune(d, trained["root"], data=trained["train"], teacher=trained["teacher"], steps=2, progress=False)
+    with pytest.raises(DiJiangError, match="records no usable source"):
+        finetune(d, tmp_path / "o", data=trained["train"], steps=2, progress=False)
+    with pytest.raises(DataError, match="no such file"):
+        _cli(["eval", d, "--data", str(tmp_path / "missing.txt")])
+    with pytest.raises(CheckpointError):
+        _cli(["eval", str(tmp_path / "nowhere"), "--data", str(trained["train"])])
+    with pytest.raises(DiJiangError, match="does not match"):
+        finetune(d, tmp_path / "o", data=trained["train"], teacher=SoftmaxTeacher.from_base(random_base("gpt_neox")),
+                 steps=2, progress=False)
+    assert not (tmp_path / "o").exists()
