@@ -15,10 +15,7 @@ PROMPT="${1:-What is the capital of France?}"
 DJ=.venv/bin/dijiang-deploy
 mkdir -p "$RUNS"
 [[ -d "$RUNS/smollm2-dijiang" ]] || "$DJ" convert --model smollm2 -o "$RUNS/smollm2-dijiang"
-MODEL="$RUNS/smollm2-dijiang"
-if "$DJ" finetune --help >/dev/null 2>&1; then
-    [[ -d "$RUNS/smollm2-dijiang-ft" ]] || "$DJ" finetune "$MODEL" -o "$RUNS/smollm2-dijiang-ft"
-    MODEL="$RUNS/smollm2-dijiang-ft"
-fi
-[[ -d "$RUNS/smollm2-onnx" ]] || "$DJ" export "$MODEL" -o "$RUNS/smollm2-onnx"
+# Default budget: about 9 minutes on 2 CPU cores (--budget-minutes to change).
+[[ -d "$RUNS/smollm2-dijiang-ft" ]] || "$DJ" finetune "$RUNS/smollm2-dijiang" -o "$RUNS/smollm2-dijiang-ft"
+[[ -d "$RUNS/smollm2-onnx" ]] || "$DJ" export "$RUNS/smollm2-dijiang-ft" -o "$RUNS/smollm2-onnx"
 "$DJ" run "$RUNS/smollm2-onnx" --chat --prompt "$PROMPT" --max-new-tokens 64
