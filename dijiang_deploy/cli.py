@@ -103,7 +103,15 @@ def _run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(args.onnx_dir, args.reference, tokens=args.tokens, tolerance=args.tolerance)
+    text = None
+    if args.text:
+        from pathlib import Path
+
+        path = Path(args.text)
+        if not path.is_file():
+            raise DiJiangError(f"{path}: no such text file")
+        text = path.read_text(errors="replace")
+    report = verify(args.onnx_dir, args.reference, tokens=args.tokens, tolerance=args.tolerance, text=text)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
@@ -187,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the DiJiang checkpoint folder it came from")
     p.add_argument("--tokens", type=int, default=200, help="random tokens to score")
     p.add_argument("--tolerance", type=float, help="max abs logit difference (default 1e-4 fp32, 0.5 fp16)")
+    p.add_argument("--text", help="score this text file instead of random tokens (perplexity for int8/int4)")
     p.set_defaults(func=_verify)
 
     for module, commands, issue in _PLUGGABLE:

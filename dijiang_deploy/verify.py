@@ -23,6 +23,10 @@ class VerifyReport:
     greedy_tokens: int
     positions: int
     tolerance: float
+    #: For int8/int4 exports: (min top-1 agreement, max perplexity change)
+    #: judge the export instead of the float tolerance; see quality below.
+    quality_targets: tuple[float, float] | None = None
+    ppl_change: float | None = None
     #: max |parallel or recurrent - chunked| of the PyTorch reference itself:
     #: how far float32 evaluations of the same model already disagree.
     reference_noise: float = 0.0
@@ -34,6 +38,9 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        if self.quality_targets is not None:
+            min_top1, max_ppl = self.quality_targets
+            return self.top1_agreement >= min_top1 and (self.ppl_change is None or self.ppl_change <= max_ppl)
         return self.max_abs <= self.allowed and self.greedy_identical
 
     def lines(self) -> list[str]:
@@ -44,6 +51,15 @@ class VerifyReport:
             f"max relative diff       {self.max_rel:.3e}",
             f"top-1 agreement         {100 * self.top1_agreement:.2f}%",
             f"greedy {self.greedy_tokens} tokens identical  {self.greedy_identical}",
+        ] + (
+            [
+                f"quantized: needs top-1 >= {100 * self.quality_targets[0]:.0f}% and perplexity change "
+                f"<= {100 * self.quality_targets[1]:.0f}%; perplexity change "
+                + ("n/a (random tokens: pass --text)" if self.ppl_change is None else f"{100 * self.ppl_change:+.2f}%"),
+            ]
+            if self.quality_targets is not None
+            else []
+        ) + [
             f"result                  {'PASS' if self.ok else 'FAIL'}",
         ]
 
@@ -63,6 +79,7 @@ def verify(
     tolerance: float | None = None,
     seed: int = 0,
     input_ids: np.ndarray | None = None,
+    text: str | None = None,
 ) -> VerifyReport:
     """Run the same tokens through PyTorch (chunked form) and the export.
 
@@ -80,6 +97,11 @@ def verify(
             "not the checkpoint this folder was exported from"
         )
     tol = tolerance if tolerance is not None else default_tolerance(gen.manifest.dtype)
+    if input_ids is None and text is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(reference))
+        input_ids = np.array([tok.encode(text, add_special_tokens=False)[:tokens]], dtype=np.int64)
     if input_ids is None:
         rng = np.random.default_rng(seed)
         input_ids = rng.integers(0, model.config.vocab_size, size=(1, tokens), dtype=np.int64)
@@ -97,9 +119,16 @@ def verify(
     prompt = input_ids[0, :16].tolist()
     ours = gen.generate(prompt, max_new_tokens=greedy_tokens).token_ids[0]
     theirs = _torch_greedy(model, prompt, greedy_tokens, gen._eos_ids())
-    return VerifyReport(
+    report = VerifyReport(
         float(diff.max()), float(rel.max()), agree, ours == theirs, greedy_tokens, int(diff.shape[1]), tol, noise
     )
+    if gen.manifest.weights in ("int8", "int4"):
+        from .export.quantize import QUALITY_TARGETS, quality_report
+
+        report.quality_targets = QUALITY_TARGETS[gen.manifest.weights]
+        if text is not None:
+            report.ppl_change = quality_report(got, want, input_ids)["ppl_change"]
+    return report
 
 
 @torch.no_grad()

@@ -145,3 +145,23 @@ def test_eval_onnx_folder_matches_checkpoint(smollm2_dir, tmp_path):
     b = evaluate(tmp_path / "onnx", max_tokens=300, window=128)
     assert a.tokens == b.tokens > 200
     assert abs(a.nll - b.nll) < 1e-5
+
+
+def test_verify_judges_quantized_exports_on_quality(tmp_path, capsys):
+    """An int8 export is judged by top-1 agreement and perplexity change, not
+    by the 1e-4 float tolerance it could never meet; the manifest records it."""
+    from dijiang_deploy.checkpoint import save_checkpoint
+    from dijiang_deploy.export import Manifest
+    from dijiang_deploy.verify import verify
+
+    model = random_model("llama", seed=1)
+    ck = save_checkpoint(model, tmp_path / "ck")
+    export_model(model, tmp_path / "q", ExportOptions(weights="int8", logits="all", max_chunk=8))
+    man = Manifest.load(tmp_path / "q")
+    assert man.weights == "int8" and man.quantization.get("bits") == 8
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, 64))
+    report = verify(tmp_path / "q", ck, input_ids=ids, greedy_tokens=8)
+    assert report.quality_targets == (0.99, 0.03)
+    assert report.max_abs > report.tolerance  # quantization noise, as expected
+    assert report.ok == (report.top1_agreement >= 0.99)
+    assert any("quantized: needs top-1" in line for line in report.lines())

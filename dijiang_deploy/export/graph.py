@@ -192,10 +192,12 @@ def export_model(
     proto = trace(model, options)
     apply_flavor(proto, options.attention_op)
     _fix_io_types(proto, *io_specs(model, options))
+    quantization: dict = {}
     if options.weight_format in ("int8", "int4"):
-        from .quantize import quantize_weights
+        from .quantize import quantization_info, quantize_weights
 
         proto = quantize_weights(proto, options)
+        quantization = {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
     if options.attention_op != "linear-attention":
         onnx.checker.check_model(proto, full_check=True)
     inputs, outputs = io_specs(model, options)
@@ -218,6 +220,7 @@ def export_model(
         bos_token_id=model.config.bos_token_id,
         eos_token_id=model.config.eos_token_id,
         decode_ops_per_layer=decode_op_counts(proto, model.config.num_layers),
+        quantization=quantization,
         source=source or {},
         config=model.config.to_hf_dict(),
     )

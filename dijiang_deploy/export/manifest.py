@@ -53,6 +53,9 @@ class Manifest:
     decode_ops_per_layer: dict[str, float] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: Weight-only quantization settings (bits, block size, symmetry, ...);
+    #: empty for float weights.
+    quantization: dict[str, Any] = field(default_factory=dict)
     state_dtype: str = "float32"
     format: str = FORMAT
     export_seconds: float = 0.0

@@ -73,6 +73,13 @@ class OrtBackend:
         graph_in = [(i.name, _np_name(i.type)) for i in self.session.get_inputs()]
         graph_out = [(o.name, _np_name(o.type)) for o in self.session.get_outputs()]
         self.manifest.check_graph(graph_in, graph_out)
+        from ..export.quantize import check_session_metadata
+
+        # A quantized graph records its format in metadata: catches a folder
+        # whose manifest and graph come from different exports.
+        self.quantization = check_session_metadata(
+            self.manifest.weights, self.session.get_modelmeta().custom_metadata_map
+        )
         self.logits_dtype = np.dtype(self.manifest.outputs[0].dtype)
         self.batch = 0
         self._slots: dict[int, _Slot] = {}
