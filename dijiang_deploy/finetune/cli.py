@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import DiJiangError
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -118,31 +117,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
-__all__ = ["add_parsers", "main"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m dijiang_deploy.finetune.cli finetune|eval ...``),
-    handling errors as ``dijiang-deploy`` does: one line on stderr, exit 2."""
-    import logging
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m dijiang_deploy.finetune.cli")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
-    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except DiJiangError as exc:
-        if args.verbose:
-            raise
-        print(f"dijiang-deploy {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (run the same command again to resume)", file=sys.stderr)
-        return 130
+__all__ = ["add_parsers"]
 
 
 if __name__ == "__main__":  # pragma: no cover
+    # ``python -m dijiang_deploy.finetune.cli finetune ...`` is the same
+    # program as ``dijiang-deploy finetune ...``: one error-handling path.
+    from ..cli import main
+
     raise SystemExit(main())
