@@ -6,7 +6,6 @@ import argparse
 import json
 
 
-
 def _finetune(args: argparse.Namespace) -> int:
     from .api import finetune
     from .config import FinetuneConfig
