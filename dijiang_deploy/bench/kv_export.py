@@ -1,0 +1,135 @@
+"""The softmax baseline: Hugging Face ``LlamaForCausalLM`` exported to ONNX with a KV cache.
+
+The graph takes ``input_ids [1, L]``, ``position_ids [1, L]`` and
+``past_k.{i}/past_v.{i} [1, kv_heads, P, d]`` (P >= 0) and returns
+``logits [1, 1, V]`` (last position) and ``present_k.{i}/present_v.{i}``
+``[1, kv_heads, P + L, d]``: the usual past/present layout of KV-cache ONNX
+exports, produced here by the torch dynamo exporter from the unmodified
+transformers model (attention through ``DynamicCache``, SDPA kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+KV_META = "kv_meta.json"
+KV_MODEL = "model.onnx"
+
+
+class _KvStep(nn.Module):
+    """Flat-tensor wrapper: (ids, positions, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_layers = int(model.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the model on ``input_ids`` after the cached ``past``; return logits and the grown cache."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        flat: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def kv_geometry(config: Any) -> dict[str, int]:
+    """Layers, KV heads, head size and vocabulary of a transformers Llama config."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return {
+        "num_layers": int(config.num_hidden_layers),
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": head_dim,
+        "vocab_size": int(config.vocab_size),
+    }
+
+
+def load_hf_base(source: str, seed: int = 0) -> nn.Module:
+    """The softmax base model in float32 eval mode.
+
+    ``source`` is ``smollm2`` (the embedded GGUF, read through transformers'
+    ``gguf_file=``), a ``.gguf`` path, a Hugging Face folder, or ``tiny``
+    (the random tiny LLaMA of :mod:`dijiang_deploy.testing` with ``seed``,
+    the same weights as ``random_model("llama", seed)``).
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if source == "tiny":
+        from ..testing import random_base
+
+        base = random_base("llama", seed)
+        model = LlamaForCausalLM(LlamaConfig(**base.raw_config))
+        model.load_state_dict(base.tensors, strict=False)
+    else:
+        path = Path(source)
+        if source == "smollm2":
+            from ..convert import embedded_model_path
+
+            path = embedded_model_path("smollm2")
+        if path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def export_kv_model(model: nn.Module, out_dir: str | Path, base: str = "", opset: int = 21) -> Path:
+    """Export ``model`` (a transformers Llama-family causal LM) with a KV cache.
+
+    Writes ``model.onnx`` and ``kv_meta.json`` into ``out_dir``; returns the
+    ``.onnx`` path. Batch is fixed at 1 (what the benchmark measures); the
+    new-token and past lengths are dynamic. ``base`` (how the model was
+    named to :func:`load_hf_base`) is recorded so the folder can be reused.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    geo = kv_geometry(model.config)
+    n = geo["num_layers"]
+    step = _KvStep(model).eval()
+    past = [torch.zeros(1, geo["kv_heads"], 5, geo["head_dim"]) for _ in range(2 * n)]
+    example = (torch.ones(1, 3, dtype=torch.int64), torch.arange(5, 8)[None], *past)
+    seq = torch.export.Dim("sequence", min=1, max=16384)
+    plen = torch.export.Dim("past", min=1, max=65536)
+    dynamic = ({1: seq}, {1: seq}, tuple({2: plen} for _ in range(2 * n)))
+    names_in = ["input_ids", "position_ids"] + [f"past_{kind}.{i}" for i in range(n) for kind in "kv"]
+    names_out = ["logits"] + [f"present_{kind}.{i}" for i in range(n) for kind in "kv"]
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                step,
+                example,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                input_names=names_in,
+                output_names=names_out,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    path = out / KV_MODEL
+    program.save(str(path))
+    meta = dict(geo, base=base, inputs=names_in, outputs=names_out)
+    (out / KV_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return path

@@ -1,0 +1,209 @@
+"""Run the benchmark: prepare models, measure bandwidth, one worker per system, report.
+
+Protocol per system and context length C (ascending):
+
+1. prefill a prompt of C random tokens from an empty state/cache (timed;
+   median of ``prefill_repeats``) -> prefill tokens/s;
+2. decode ``warmup_steps`` tokens (not timed), then ``repeats`` runs of
+   ``decode_steps`` greedy tokens at batch 1 -> decode tokens/s is the median
+   over runs. KV-cache systems really hold a cache of C (+ the tokens decoded
+   so far); DiJiang holds its fixed-size state after C tokens;
+3. peak resident memory of the worker process during 1-2 and the size of the
+   state/KV cache after 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifacts import prepare
+from .measure import library_versions, machine_info, memory_bandwidth
+from .systems import ALL_SYSTEMS
+
+DEFAULT_CONTEXTS = (128, 1024, 4096, 8192)
+QUICK_CONTEXTS = (16, 64)
+
+
+@dataclass
+class BenchOptions:
+    """Settings of one benchmark run (the ``bench`` command's options)."""
+
+    out: Path
+    contexts: list[int] = field(default_factory=lambda: list(DEFAULT_CONTEXTS))
+    systems: list[str] = field(default_factory=lambda: list(ALL_SYSTEMS))
+    repeats: int = 5
+    decode_steps: int = 16
+    warmup_steps: int = 4
+    prefill_repeats: int = 1
+    threads: int = 0
+    quick: bool = False
+    work_dir: Path | None = None
+    checkpoint: Path | None = None
+    device: str = "cpu"
+    backend: str = "ort"
+    profile: bool = True
+    timeout: int = 1800
+    seed: int = 0
+
+    def resolved_threads(self) -> int:
+        """Threads for every runtime: the option, else the number of CPUs."""
+        return self.threads or os.cpu_count() or 1
+
+
+def gpu_note(device: str, backend: str) -> str | None:
+    """None for CPU/ONNX Runtime runs; otherwise the note saying why nothing is measured
+    (no GPU or TensorRT here, or GPU runs not implemented by this benchmark)."""
+    if device == "cpu" and backend == "ort":
+        return None
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    if backend == "trt":
+        import torch
+
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "--backend trt: TensorRT is not installed on this machine; nothing measured"
+        if not torch.cuda.is_available():
+            return "--backend trt: no CUDA device on this machine; nothing measured"
+        return "--backend trt: TensorRT runs are not implemented by this benchmark yet; nothing measured"
+    if device == "cuda":
+        import torch
+
+        if "CUDAExecutionProvider" not in providers or not torch.cuda.is_available():
+            return "--device cuda: no CUDA device / CUDAExecutionProvider on this machine; nothing measured"
+        return "--device cuda: GPU runs are not implemented by this benchmark yet; nothing measured"
+    return f"unknown device/backend {device}/{backend}"
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def run_worker(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+    """Run one worker process and return its record (with ``error`` on failure)."""
+    with tempfile.TemporaryDirectory(prefix="dijiang-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "dijiang_deploy.bench.worker", str(spec_path), str(out_path)]
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            stderr = proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            stderr = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            record = json.loads(out_path.read_text()) if out_path.exists() else {"system": spec.get("name"), "results": []}
+            record["error"] = f"timed out after {timeout}s (partial results kept)"
+            return record
+        if out_path.exists():
+            record = json.loads(out_path.read_text())
+        else:
+            record = {"system": spec.get("name"), "results": [], "error": f"worker exited {proc.returncode}: {stderr[-500:]}"}
+        if proc.returncode != 0 and "error" not in record:
+            record["error"] = f"worker exited {proc.returncode}: {stderr[-500:]}"
+        return record
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run everything ``opts`` asks for, write the outputs into ``opts.out``, return the results."""
+    from .report import write_outputs
+
+    threads = opts.resolved_threads()
+    started = time.time()
+    results: dict[str, Any] = {
+        "meta": {
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "machine": machine_info(),
+            "versions": library_versions(),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+            "threads": threads,
+        },
+        "notes": [],
+        "systems": [],
+        "skipped": {},
+    }
+    opts.out.mkdir(parents=True, exist_ok=True)
+    note = gpu_note(opts.device, opts.backend)
+    if note is not None:
+        _log(note)
+        results["notes"].append(note)
+        results["skipped"] = {name: note for name in opts.systems}
+        results["meta"]["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_outputs(results, opts.out)
+        return results
+
+    own_tmp = None
+    work = opts.work_dir
+    if work is None:
+        if opts.quick:
+            own_tmp = tempfile.TemporaryDirectory(prefix="dijiang-bench-work-")
+            work = Path(own_tmp.name)
+        else:
+            work = Path.home() / ".cache" / "dijiang-deploy" / "bench"
+    try:
+        prep = prepare(opts.systems, Path(work), opts.quick, opts.checkpoint)
+        results["meta"]["model"] = prep.model
+        results["meta"]["checkpoint"] = prep.checkpoint
+        results["skipped"].update(prep.skipped)
+        for name, why in prep.skipped.items():
+            _log(f"{name}: {why}")
+
+        _log(f"measuring memory bandwidth ({threads} threads)")
+        results["meta"]["bandwidth"] = memory_bandwidth(threads, size_mib=256 if opts.quick else 1024)
+        results["meta"]["load_average_start"] = list(os.getloadavg())
+
+        run_settings = {
+            "threads": threads,
+            "contexts": sorted(opts.contexts),
+            "repeats": opts.repeats,
+            "decode_steps": opts.decode_steps,
+            "warmup_steps": opts.warmup_steps,
+            "prefill_repeats": opts.prefill_repeats,
+            "vocab_size": prep.vocab_size,
+            "seed": opts.seed,
+        }
+        for name in [s for s in ALL_SYSTEMS if s in prep.specs]:
+            _log(f"{name}: contexts {run_settings['contexts']}")
+            t0 = time.time()
+            record = run_worker(dict(prep.specs[name], **run_settings), opts.timeout)
+            record["wall_seconds"] = time.time() - t0
+            if record.get("error"):
+                _log(f"{name}: {record['error']}")
+            for row in record.get("results", []):
+                _log(
+                    f"{name} @ {row['context']}: decode {row['decode_tokens_per_s']:.1f} tok/s, "
+                    f"prefill {row['prefill_tokens_per_s']:.1f} tok/s, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB"
+                )
+            results["systems"].append(record)
+
+        if opts.profile and "dijiang-ort-fp32" in prep.specs:
+            _log("profiling the dijiang-ort-fp32 decode step")
+            spec = {
+                "kind": "profile",
+                "name": "profile",
+                "path": prep.specs["dijiang-ort-fp32"]["path"],
+                "threads": threads,
+                "context": min(opts.contexts),
+                "decode_steps": 10 if opts.quick else 30,
+            }
+            results["profile"] = run_worker(spec, opts.timeout)
+        results["meta"]["load_average_end"] = list(os.getloadavg())
+    finally:
+        if own_tmp is not None:
+            own_tmp.cleanup()
+    results["meta"]["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["meta"]["wall_seconds"] = time.time() - started
+    write_outputs(results, opts.out)
+    return results

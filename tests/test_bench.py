@@ -1,0 +1,156 @@
+"""``dijiang-deploy bench --quick``: runs on the tiny model and writes well-formed outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from dijiang_deploy.bench.cli import parse_contexts, parse_systems
+from dijiang_deploy.bench.measure import onnx_weight_bytes_per_token
+from dijiang_deploy.bench.report import flat_rows, target_checks
+from dijiang_deploy.cli import main
+from dijiang_deploy.errors import DiJiangError
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--out",
+            str(out),
+            "--systems",
+            "dijiang-ort-fp32,ort-kv-fp32,torch-recurrent,llamacpp-q4_1",
+            "--threads",
+            "1",
+        ]
+    )
+    return code, out
+
+
+def test_quick_writes_every_output(quick_run):
+    code, out = quick_run
+    assert code == 0
+    for name in ("table.md", "table.txt", "results.json", "results.csv", "plot.png"):
+        path = out / name
+        assert path.exists() and path.stat().st_size > 0, name
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_results_are_well_formed(quick_run):
+    _, out = quick_run
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["bandwidth"]["bandwidth"] > 1e8  # any real machine reads > 100 MB/s
+    measured = {r["system"]: r for r in data["systems"]}
+    assert set(measured) == {"dijiang-ort-fp32", "ort-kv-fp32", "torch-recurrent"}
+    for name, record in measured.items():
+        assert "error" not in record, (name, record.get("error"))
+        assert [r["context"] for r in record["results"]] == [16, 64]
+        for r in record["results"]:
+            assert math.isfinite(r["decode_tokens_per_s"]) and r["decode_tokens_per_s"] > 0
+            assert math.isfinite(r["prefill_tokens_per_s"]) and r["prefill_tokens_per_s"] > 0
+            assert r["peak_rss_bytes"] > 10 * 2**20
+            assert r["state_bytes"] > 0
+    # llama.cpp has no GGUF for the tiny model: skipped with a note, not measured.
+    assert "llamacpp-q4_1" in data["skipped"]
+    assert "llamacpp-q4_1" in (out / "table.md").read_text()
+
+    # DiJiang's state does not grow; the KV cache does (2 x layers x kv_heads x d x tokens x 4 bytes).
+    dj = measured["dijiang-ort-fp32"]["results"]
+    assert dj[0]["state_bytes"] == dj[1]["state_bytes"] == 2 * 4 * 16 * 16 * 4
+    kv = measured["ort-kv-fp32"]["results"]
+    assert kv[1]["state_bytes"] > kv[0]["state_bytes"]
+    assert kv[0]["state_bytes"] == 2 * 2 * 2 * 16 * kv[0]["context_after_decode"] * 4
+
+    # Roofline only on DiJiang rows, and consistent with the bandwidth measured in the run.
+    bw = data["meta"]["bandwidth"]["bandwidth"]
+    for row in data["rows"]:
+        if row["system"].startswith("dijiang-ort"):
+            assert row["bytes_read_per_token"] > 0
+            assert row["roofline_fraction"] == pytest.approx(row["decode_tokens_per_s"] * row["bytes_read_per_token"] / bw)
+        else:
+            assert row["roofline_fraction"] is None
+
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    assert {r["system"] for r in rows} == set(measured)
+    assert all(float(r["decode_tokens_per_s"]) > 0 for r in rows)
+
+    prof = data["profile"]
+    assert "error" not in prof, prof.get("error")
+    assert prof["ops"] and prof["kernel_ms_per_step"] > 0
+    assert any(op["op"] == "MatMul" for op in prof["ops"])
+
+
+def test_weight_bytes_count_embedding_rows_only(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "emb")
+    w = numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[emb, w],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    got = onnx_weight_bytes_per_token(path)
+    assert got["weight_bytes"] == (100 * 8 + 8 * 4) * 4
+    assert got["bytes_read_per_token"] == (8 + 8 * 4) * 4
+
+
+def test_checks_flag_a_missed_target():
+    results = {
+        "meta": {"bandwidth": {"bandwidth": 10e9}},
+        "systems": [
+            {
+                "system": "dijiang-ort-fp32",
+                "info": {"bytes_read_per_token": 1e9},
+                "results": [
+                    {"context": 128, "decode_tokens_per_s": 8.0, "prefill_tokens_per_s": 100.0, "peak_rss_bytes": 1e9, "state_bytes": 1},
+                    {"context": 8192, "decode_tokens_per_s": 4.0, "prefill_tokens_per_s": 100.0, "peak_rss_bytes": 2e9, "state_bytes": 1},
+                ],
+            }
+        ],
+    }
+    checks = {c["check"]: c for c in target_checks(flat_rows(results))}
+    assert checks["dijiang-ort-fp32: decode tok/s at 8192 / at 128"]["passed"] is False
+    assert checks["dijiang-ort-fp32: peak RSS at 8192 / at 128"]["passed"] is False
+    roof = checks["dijiang-ort-fp32: decode / bandwidth roofline at 128"]
+    assert roof["value"] == pytest.approx(0.8) and roof["passed"] is True
+
+
+def test_option_parsing():
+    assert parse_contexts("1024,128,128") == [128, 1024]
+    assert parse_systems("dijiang-ort,llamacpp-q4_1") == [
+        "dijiang-ort-fp32",
+        "dijiang-ort-fp16",
+        "dijiang-ort-int8",
+        "dijiang-ort-int4",
+        "llamacpp-q4_1",
+    ]
+    with pytest.raises(DiJiangError):
+        parse_systems("vllm")
+    with pytest.raises(DiJiangError):
+        parse_contexts("0,12")
+
+
+def test_gpu_request_without_gpu_is_a_note(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["systems"] == [] and any("cuda" in n for n in data["notes"])
+    assert "nothing measured" in (tmp_path / "table.md").read_text()
