@@ -6,6 +6,7 @@
 #   bash scripts/demo.sh ["your prompt"]
 #
 # Outputs go to runs/ (DIJIANG_RUNS to change). Steps already done are reused.
+# DIJIANG_FINETUNE_MINUTES sets the fine-tuning budget (default about 9).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,7 +16,9 @@ PROMPT="${1:-What is the capital of France?}"
 DJ=.venv/bin/dijiang-deploy
 mkdir -p "$RUNS"
 [[ -d "$RUNS/smollm2-dijiang" ]] || "$DJ" convert --model smollm2 -o "$RUNS/smollm2-dijiang"
-# Default budget: about 9 minutes on 2 CPU cores (--budget-minutes to change).
-[[ -d "$RUNS/smollm2-dijiang-ft" ]] || "$DJ" finetune "$RUNS/smollm2-dijiang" -o "$RUNS/smollm2-dijiang-ft"
+# About 9 minutes on 2 CPU cores by default; DIJIANG_FINETUNE_MINUTES changes it.
+FT_ARGS=()
+[[ -n "${DIJIANG_FINETUNE_MINUTES:-}" ]] && FT_ARGS=(--budget-minutes "$DIJIANG_FINETUNE_MINUTES")
+[[ -d "$RUNS/smollm2-dijiang-ft" ]] || "$DJ" finetune "$RUNS/smollm2-dijiang" -o "$RUNS/smollm2-dijiang-ft" "${FT_ARGS[@]}"
 [[ -d "$RUNS/smollm2-onnx" ]] || "$DJ" export "$RUNS/smollm2-dijiang-ft" -o "$RUNS/smollm2-onnx"
 "$DJ" run "$RUNS/smollm2-onnx" --chat --prompt "$PROMPT" --max-new-tokens 64
