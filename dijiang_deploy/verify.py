@@ -120,7 +120,14 @@ def verify(
     ours = gen.generate(prompt, max_new_tokens=greedy_tokens).token_ids[0]
     theirs = _torch_greedy(model, prompt, greedy_tokens, gen._eos_ids())
     report = VerifyReport(
-        float(diff.max()), float(rel.max()), agree, ours == theirs, greedy_tokens, int(diff.shape[1]), tol, noise
+        max_abs=float(diff.max()),
+        max_rel=float(rel.max()),
+        top1_agreement=agree,
+        greedy_identical=ours == theirs,
+        greedy_tokens=greedy_tokens,
+        positions=int(diff.shape[1]),
+        tolerance=tol,
+        reference_noise=noise,
     )
     if gen.manifest.weights in ("int8", "int4"):
         from .export.quantize import QUALITY_TARGETS, quality_report
