@@ -10,11 +10,7 @@ transformers model (attention through ``DynamicCache``, SDPA kernel).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,25 +105,20 @@ def export_kv_model(model: nn.Module, out_dir: str | Path, base: str = "", opset
     dynamic = ({1: seq}, {1: seq}, tuple({2: plen} for _ in range(2 * n)))
     names_in = ["input_ids", "position_ids"] + [f"past_{kind}.{i}" for i in range(n) for kind in "kv"]
     names_out = ["logits"] + [f"present_{kind}.{i}" for i in range(n) for kind in "kv"]
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                step,
-                example,
-                dynamo=True,
-                dynamic_shapes=dynamic,
-                input_names=names_in,
-                output_names=names_out,
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
-    finally:
-        quiet.setLevel(level)
+    from ..export.graph import quiet_exporter
+
+    with quiet_exporter():
+        program = torch.onnx.export(
+            step,
+            example,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=names_in,
+            output_names=names_out,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
     path = out / KV_MODEL
     program.save(str(path))
     meta = dict(geo, base=base, inputs=names_in, outputs=names_out)

@@ -121,6 +121,21 @@ def io_specs(model: DiJiangForCausalLM, options: ExportOptions) -> tuple[list[Te
     return inputs, outputs
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """Run torch.onnx.export without its log, warning and stdout noise
+    ("torchvision is not installed" and the like), gradients off."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def trace(model: DiJiangForCausalLM, options: ExportOptions) -> onnx.ModelProto:
     """Trace ``model`` with the torch dynamo exporter into an ONNX model.
 
@@ -144,11 +159,7 @@ def trace(model: DiJiangForCausalLM, options: ExportOptions) -> onnx.ModelProto:
     # *past_state is one varargs entry for torch.export: its shapes go in one tuple.
     dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b}, tuple({0: b} for _ in range(cfg.num_layers)))
     inputs, outputs = io_specs(model, options)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
-    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         program = torch.onnx.export(
             graph,
             example,
@@ -161,7 +172,6 @@ def trace(model: DiJiangForCausalLM, options: ExportOptions) -> onnx.ModelProto:
             optimize=True,
             verbose=False,
         )
-    quiet.setLevel(level)
     return program.model_proto
 
 
