@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attention-op",
         default="linear-attention",
-        choices=["linear-attention", "function", "plugin"],
-        help="how the recurrence appears in the graph (see plugins/README.md)",
+        help="linear-attention | function | plugin (traced graph, one recurrence node per layer; see "
+        "plugins/README.md) or inline (graph built directly, recurrence as standard ops: fastest on ONNX Runtime CPU)",
     )
     p.add_argument("--max-chunk", type=int, default=64, help="prefill chunk length the runtime feeds")
     p.add_argument(

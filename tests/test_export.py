@@ -24,11 +24,11 @@ def models():
 
 @pytest.fixture(scope="module")
 def exports(models, tmp_path_factory):
-    """family -> flavor -> export folder (logits=all, chunk 16)."""
+    """family -> attention op -> export folder (logits=all, chunk 16)."""
     out = {}
     for fam, model in models.items():
         out[fam] = {}
-        for flavor in ("linear-attention", "function", "plugin"):
+        for flavor in ("linear-attention", "function", "plugin", "inline"):
             folder = tmp_path_factory.mktemp("exp") / f"{fam}-{flavor}"
             export_model(model, folder, ExportOptions(attention_op=flavor, logits="all", max_chunk=16))
             out[fam][flavor] = folder
@@ -40,12 +40,13 @@ def _torch_logits(model, ids):
         return model(torch.as_tensor(ids), mode="parallel").logits.numpy()
 
 
+@pytest.mark.parametrize("op", ["linear-attention", "inline"])
 @pytest.mark.parametrize("fam", ["gpt_neox", "llama"])
 @pytest.mark.parametrize("n", [5, 16, 70])
-def test_score_matches_pytorch(models, exports, fam, n):
+def test_score_matches_pytorch(models, exports, fam, n, op):
     """Shorter than, equal to, and several times the chunk length; batch 2."""
     ids = np.random.default_rng(n).integers(0, models[fam].config.vocab_size, size=(2, n))
-    got = Generator.from_pretrained(exports[fam]["linear-attention"]).score(ids)
+    got = Generator.from_pretrained(exports[fam][op]).score(ids)
     assert got.shape == (2, n, models[fam].config.vocab_size)
     assert np.abs(got - _torch_logits(models[fam], ids)).max() <= FP32_TOL
 
@@ -58,15 +59,18 @@ def test_flavors_agree(models, exports, fam):
     fn = Generator.from_pretrained(exports[fam]["function"]).score(ids)
     # plugin: our node with no body, run through a numpy custom op.
     pl = Generator.from_pretrained(exports[fam]["plugin"]).score(ids)
+    inline = Generator.from_pretrained(exports[fam]["inline"]).score(ids)
     assert np.abs(la - fn).max() <= 1e-5
     assert np.abs(la - pl).max() <= 1e-5
+    assert np.abs(la - inline).max() <= 1e-5
 
 
+@pytest.mark.parametrize("op", ["linear-attention", "inline"])
 @pytest.mark.parametrize("fam", ["gpt_neox", "llama"])
-def test_greedy_64_tokens_identical_to_recurrent(models, exports, fam, tmp_path):
+def test_greedy_64_tokens_identical_to_recurrent(models, exports, fam, op, tmp_path):
     model = models[fam]
     folder = tmp_path / "last"
-    export_model(model, folder, ExportOptions(logits="last", max_chunk=8))
+    export_model(model, folder, ExportOptions(logits="last", max_chunk=8, attention_op=op))
     prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, size=13).tolist()
     ours = Generator.from_pretrained(folder).generate(prompt, max_new_tokens=64).token_ids[0]
     from dijiang_deploy.verify import _torch_greedy
@@ -75,9 +79,9 @@ def test_greedy_64_tokens_identical_to_recurrent(models, exports, fam, tmp_path)
     assert len(ours) >= 1
 
 
-def test_batch_rows_of_different_lengths(models, exports):
-    model = models["llama"]
-    gen = Generator.from_pretrained(exports["llama"]["linear-attention"])
+@pytest.mark.parametrize("op", ["linear-attention", "inline"])
+def test_batch_rows_of_different_lengths(models, exports, op):
+    gen = Generator.from_pretrained(exports["llama"][op])
     a = np.arange(3, 12).tolist()
     b = np.arange(20, 50).tolist()
     both = gen.generate([a, b], max_new_tokens=6)
@@ -86,7 +90,7 @@ def test_batch_rows_of_different_lengths(models, exports):
     assert both.token_ids == [alone_a, alone_b]
 
 
-@pytest.mark.parametrize("flavor", ["linear-attention", "function", "plugin"])
+@pytest.mark.parametrize("flavor", ["linear-attention", "function", "plugin", "inline"])
 def test_checker_and_shape_inference(exports, flavor):
     register_schema()
     path = exports["llama"][flavor] / "model.onnx"
@@ -97,10 +101,11 @@ def test_checker_and_shape_inference(exports, flavor):
     # No tensor grows with the sequence squared: no [.., L, L] value anywhere.
     for vi in inferred.graph.value_info:
         dims = [d.dim_param for d in vi.type.tensor_type.shape.dim]
-        assert dims.count("sequence") < 2 or flavor == "function", vi.name
+        # (the function body and the inline graph hold one chunk's [L, L] decay)
+        assert dims.count("sequence") < 2 or flavor in ("function", "inline"), vi.name
     man = Manifest.load(exports["llama"][flavor])
     opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
-    assert man.opset == opsets[""] == (27 if flavor == "linear-attention" else 21)
+    assert man.opset == opsets[""] == {"linear-attention": 27, "inline": 23}.get(flavor, 21)
     assert sum(man.decode_ops_per_layer.values()) > 10
 
 

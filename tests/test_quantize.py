@@ -85,7 +85,14 @@ def bundle(tmp_path_factory):
         entry["int8-l0"] = _write_folder(int8_l0, manifest, root / "int8-l0", "int8")
         head = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True))
         entry["int4-head"] = _write_folder(head, manifest, root / "int4-head", "int4")
-        asym = Q.quantize_weights(float_proto, ExportOptions(weights="int4", symmetric=False, block_size=16))
+        # accuracy_level 0 twins compute in float32: exact against dequantized PyTorch.
+        int4_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4"), accuracy_level=0)
+        entry["int4-l0"] = _write_folder(int4_l0, manifest, root / "int4-l0", "int4")
+        head_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True), accuracy_level=0)
+        entry["int4-head-l0"] = _write_folder(head_l0, manifest, root / "int4-head-l0", "int4")
+        asym = Q.quantize_weights(
+            float_proto, ExportOptions(weights="int4", symmetric=False, block_size=16), accuracy_level=0
+        )
         entry["int4-asym"] = _write_folder(asym, manifest, root / "int4-asym", "int4")
         if fam == "llama":  # Q/DQ needs opset >= 21 (both flavors have it); one family is enough
             Q.write_qdq_export(root / "int4", root / "qdq4")
@@ -178,12 +185,16 @@ def test_checker_and_selection(bundle, fam, variant):
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == PER_LAYER[fam] * layers + int(head)
     bits = 8 if variant.startswith("int8") else 4
-    assert {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
-    level = {"int8": 4}.get(variant, 0)  # defaults: int4 computes in float32, int8 with int8 activations
+    head_node = {w.node for w in Q.find_linear_weights(bundle[fam]["float"], include_head=True)[0] if w.role == "head"}
+    for n in nbits:  # the LM head is quantized to 8 bits (HEAD_BITS) under int4 too
+        want = 8 if n.name.rsplit("_Q", 1)[0] in head_node else bits  # the quantizer appends _Q4/_Q8
+        assert helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")) == want, n.name
+    assert info.get("head_bits") == (8 if head else None)
+    level = 0 if variant in ("int8-l0", "int4-asym") else 4  # default: int8 activations in the kernel
     assert info["accuracy_level"] == level
-    assert {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"} == (
-        {level} if level else set()
-    )
+    body = [n for n in nbits if n.name.rsplit("_Q", 1)[0] not in head_node]
+    body_levels = {helper.get_attribute_value(a) for n in body for a in n.attribute if a.name == "accuracy_level"}
+    assert body_levels == ({level} if level else set())
     assert Q.check_quantized_export(bundle[fam][variant]) == info
 
 
@@ -232,7 +243,7 @@ def test_state_path_stays_float32(bundle, fam):
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt_neox"])
-@pytest.mark.parametrize("variant", ["int4", "int8-l0", "int4-head", "int4-asym"])
+@pytest.mark.parametrize("variant", ["int4-l0", "int8-l0", "int4-head-l0", "int4-asym"])
 def test_exact_against_dequantized_pytorch(bundle, fam, variant):
     """Only the weights changed: PyTorch with the dequantized weights reproduces the graph
     (accuracy_level 0: the kernels compute in float32)."""
@@ -247,11 +258,13 @@ def test_exact_against_dequantized_pytorch(bundle, fam, variant):
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt_neox"])
-def test_int8_activation_rounding_is_small(bundle, fam):
+@pytest.mark.parametrize("variant", ["int8", "int4", "int4-head"])
+def test_int8_activation_rounding_is_small(bundle, fam, variant):
+    """accuracy_level 4 (the default) rounds activations to int8 inside the kernel."""
     model = bundle[fam]["model"]
-    twin, _ = _with_dequantized(model, onnx.load(str(bundle[fam]["int8"] / "model.onnx")))
+    twin, _ = _with_dequantized(model, onnx.load(str(bundle[fam][variant] / "model.onnx")))
     ids = _ids(model, seed=4)
-    got = Generator.from_pretrained(bundle[fam]["int8"]).score(ids)
+    got = Generator.from_pretrained(bundle[fam][variant]).score(ids)
     assert np.abs(got - _torch_logits(twin, ids)).max() <= 0.05
 
 
@@ -294,7 +307,8 @@ def test_qdq_is_standard_and_bit_identical(bundle):
         assert np.array_equal(w, qdq[name])
     # Same numbers as the MatMulNBits graph when ORT's fusion computes in float32 ...
     ids = _ids(b["model"], seed=2)
-    assert np.abs(_ort_exact(b["qdq4"], ids) - _ort_exact(b["int4"], ids)).max() <= EXACT_TOL
+    # (int4-l0: the same codes and scales, accuracy_level 0 in the MatMulNBits nodes too)
+    assert np.abs(_ort_exact(b["qdq4"], ids) - _ort_exact(b["int4-l0"], ids)).max() <= EXACT_TOL
     # ... and close by default (the fused kernel then rounds activations to int8; measured 0.03).
     a = Generator.from_pretrained(b["int4"]).score(ids)
     c = Generator.from_pretrained(b["qdq4"]).score(ids)

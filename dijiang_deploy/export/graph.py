@@ -29,6 +29,7 @@ from ..checkpoint import TOKENIZER_FILES, load_model
 from ..errors import DiJiangError, ExportError
 from ..modeling.model import DiJiangForCausalLM, DiJiangState
 from . import ops
+from .direct import DIRECT_OPSET, build_step_graph
 from .flavors import FLAVORS, apply_flavor
 from .manifest import MANIFEST_NAME, Manifest, TensorSpec, decode_op_counts
 from .schema import OP_TYPE, PORTABLE_OPSET, STANDARD_OPSET, register_schema
@@ -36,6 +37,9 @@ from .schema import OP_TYPE, PORTABLE_OPSET, STANDARD_OPSET, register_schema
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+#: ``--attention-op`` values: the traced flavors plus ``inline`` (the graph
+#: built directly with the recurrence as standard ops, see :mod:`.direct`).
+ATTENTION_OPS = (*FLAVORS, "inline")
 #: Above this size weights go to an external data file (protobuf caps at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -48,7 +52,10 @@ class ExportOptions:
         dtype: ``fp32`` or ``fp16`` weights/activations; the recurrence and
             its state stay float32 either way.
         logits: ``last`` (``[B, 1, V]``, generation) or ``all`` (scoring).
-        attention_op: ``linear-attention``, ``function`` or ``plugin``.
+        attention_op: ``linear-attention``, ``function`` or ``plugin`` (the
+            traced graph, recurrence as one node per layer) or ``inline``
+            (built directly, recurrence as standard ops; fastest on ONNX
+            Runtime CPU, float32 activations, geometric decay only).
         max_chunk: the prefill chunk length the runtime should feed.
         weights: ``fp32``/``fp16`` (same as ``dtype``) or ``int8``/``int4``
             weight-only quantization of the linear layers (see
@@ -76,8 +83,8 @@ class ExportOptions:
             raise DiJiangError(f"--dtype must be fp32 or fp16, got {self.dtype!r}")
         if self.logits not in ("last", "all"):
             raise DiJiangError(f"--logits must be last or all, got {self.logits!r}")
-        if self.attention_op not in FLAVORS:
-            raise DiJiangError(f"--attention-op must be one of {', '.join(FLAVORS)}, got {self.attention_op!r}")
+        if self.attention_op not in ATTENTION_OPS:
+            raise DiJiangError(f"--attention-op must be one of {', '.join(ATTENTION_OPS)}, got {self.attention_op!r}")
         if not 1 <= self.max_chunk <= 4096:
             raise DiJiangError(f"--max-chunk must be in 1..4096, got {self.max_chunk}")
         if self.weight_format not in ("fp32", "fp16", "int8", "int4"):
@@ -199,8 +206,13 @@ def export_model(
     options = options or ExportOptions()
     options.validate()
     started = time.time()
-    proto = trace(model, options)
-    apply_flavor(proto, options.attention_op)
+    if options.attention_op == "inline":
+        proto = build_step_graph(model, options.logits, options.dtype)
+        opset = DIRECT_OPSET
+    else:
+        proto = trace(model, options)
+        apply_flavor(proto, options.attention_op)
+        opset = STANDARD_OPSET if options.attention_op == "linear-attention" else PORTABLE_OPSET
     _fix_io_types(proto, *io_specs(model, options))
     quantization: dict = {}
     if options.weight_format in ("int8", "int4"):
@@ -215,7 +227,7 @@ def export_model(
     manifest = Manifest(
         model_file=MODEL_FILE,
         flavor=options.attention_op,
-        opset=STANDARD_OPSET if options.attention_op == "linear-attention" else PORTABLE_OPSET,
+        opset=opset,
         dtype=options.dtype,
         weights=options.weight_format,
         logits=options.logits,
@@ -284,4 +296,4 @@ def export_checkpoint(
     return export_model(model, out_dir, options, tokenizer_dir=model_dir, source=source, overwrite=overwrite)
 
 
-__all__ = ["ExportOptions", "MODEL_FILE", "OP_TYPE", "export_checkpoint", "export_model", "trace"]
+__all__ = ["ATTENTION_OPS", "ExportOptions", "MODEL_FILE", "OP_TYPE", "export_checkpoint", "export_model", "trace"]

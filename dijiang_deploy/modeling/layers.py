@@ -42,7 +42,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.rotary_ndims = config.rotary_ndims
-        inv_freq, self.attention_scaling = self._init(config)
+        # Computed on the CPU even inside a meta-device context (checkpoint
+        # loading builds the module skeleton on "meta"): transformers' rope
+        # functions copy their results, which a meta tensor cannot give.
+        with torch.device("cpu"):
+            inv_freq, self.attention_scaling = self._init(config)
         # float32 whatever the model dtype: positions times fp16 frequencies
         # lose whole radians past a few thousand tokens.
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)

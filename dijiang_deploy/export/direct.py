@@ -1,0 +1,289 @@
+"""Build the step graph directly from the weights, recurrence inlined.
+
+The traced graph (:func:`.graph.trace`) mirrors the PyTorch modules node for
+node: ~140 nodes per layer after ONNX Runtime's rewrites, mostly shape
+arithmetic, transposes and casts around rotary, GQA and the recurrence, plus a
+``Scan`` for ``LinearAttention``. On a CPU decoding one token those small
+nodes cost more than the matrix products of a quantized model. This builder
+writes the same function with ~45 nodes per layer:
+
+* fused projections: one ``MatMul`` for q|k|v|W_G, one for the MLP's
+  gate|up (the quantizer still sees plain ``[K, N]`` weights);
+* standard opset-23 ``RMSNormalization`` / ``RotaryEmbedding`` kernels;
+  rotary runs once on q and k together, the feature map once on both;
+* grouped-query heads broadcast inside ``MatMul`` (``[B, KV, G, L, d]``)
+  instead of expanding k and v;
+* the chunked recurrence of spec section 5 in plain ``MatMul``/``Exp`` ops,
+  its decay factors for all layers computed once per step.
+
+Same inputs, outputs and numerics as the traced graph (tested against the
+PyTorch reference); geometric decay only (the general D1/D2 form keeps the
+traced flavors).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import ExportError
+from ..modeling.model import DiJiangForCausalLM
+
+#: RMSNormalization and RotaryEmbedding are standard from opset 23.
+DIRECT_OPSET = 23
+_IR_VERSION = 10
+
+_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+class _Graph:
+    """Tiny helper: nodes with generated output names, numpy initializers."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None, **attrs):
+        self._count += 1
+        base = name or f"{op_type.lower()}_{self._count}"
+        outs = [base] if outputs == 1 else [f"{base}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"n{self._count}_{op_type}", **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, name: str, value) -> str:
+        value = np.asarray(value)  # 0-d stays 0-d (ascontiguousarray would make it 1-d)
+        self.inits.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
+        return name
+
+    def ints(self, name: str, values) -> str:
+        return self.const(name, np.asarray(values, dtype=np.int64))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _check(model: DiJiangForCausalLM, dtype: str) -> None:
+    if dtype != "fp32":
+        raise ExportError("--attention-op inline builds float32 graphs (use --weights int8/int4 to shrink them)")
+    if not all(a.geometric for a in model.attention_layers()):
+        raise ExportError(
+            "--attention-op inline needs geometric decay tables in every layer; this checkpoint has general "
+            "D1/D2 tables: export it with --attention-op linear-attention"
+        )
+    cfg = model.config
+    if cfg.hidden_act not in _GELU and cfg.hidden_act not in ("silu", "swish", "relu"):
+        raise ExportError(f"--attention-op inline does not know hidden_act {cfg.hidden_act!r}")
+
+
+def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str = "fp32") -> onnx.ModelProto:
+    """The step graph of ``model`` with the recurrence as standard ops.
+
+    Inputs/outputs are those of :func:`.graph.io_specs`: ``input_ids [B, L]``,
+    ``attention_mask [B, L]``, ``past_position [B]`` (int64),
+    ``past_state.{i} [B, H, d, d]`` float32 -> ``logits`` ``[B, 1, V]`` (or
+    ``[B, L, V]`` with ``logits="all"``) float32 and ``present_state.{i}``.
+    """
+    _check(model, dtype)
+    cfg = model.config
+    h_, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    grp, big_d, rd = h_ // kv, cfg.hidden_size, cfg.rotary_ndims
+    layers = list(model.body.layers)
+    n_layers = len(layers)
+    llama = cfg.family != "gpt_neox"
+    g = _Graph()
+
+    # -- per-step quantities shared by every layer --------------------------
+    mask_i = "attention_mask"
+    cnt_i = g.op("CumSum", mask_i, g.ints("axis1", 1), name="count_i")
+    pos = g.op(
+        "Add",
+        g.op("Unsqueeze", "past_position", g.ints("ax_1", [1])),
+        g.op("Max", g.op("Sub", cnt_i, g.ints("one_i", 1)), g.ints("zero_i", 0)),
+        name="positions",
+    )
+    cos = sin = None
+    if rd:
+        inv_freq = _np(model.rotary.inv_freq)
+        freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=TensorProto.FLOAT), g.ints("ax_last", [-1])),
+                     g.const("inv_freq", inv_freq), name="freqs")
+        cos, sin = g.op("Cos", freqs, name="cos"), g.op("Sin", freqs, name="sin")
+        scaling = float(model.rotary.attention_scaling)
+        if scaling != 1.0:
+            s = g.const("rope_scaling", np.float32(scaling))
+            cos, sin = g.op("Mul", cos, s, name="cos_s"), g.op("Mul", sin, s, name="sin_s")
+
+    # Decay, spec section 5 with padding: between real tokens m <= t the state
+    # decays by gamma^(n_t - n_m), n = running count of real tokens. All
+    # exponents are (count difference >= 0) * log(gamma) <= 0.
+    mask = g.op("Cast", mask_i, to=TensorProto.FLOAT, name="mask_f")
+    cnt = g.op("CumSum", mask, g.ints("axis1_f", 1), name="count")
+    cnt_t = g.op("Unsqueeze", cnt, g.ints("ax_t", [1, 2, 4]), name="count_t")  # [B,1,1,L,1]
+    cnt_m = g.op("Unsqueeze", cnt, g.ints("ax_m", [1, 2, 3]), name="count_m")  # [B,1,1,1,L]
+    mask_m = g.op("Unsqueeze", mask, g.ints("ax_mm", [1, 2, 3]), name="mask_m")  # [B,1,1,1,L]
+    t_len = g.op("Shape", mask_i, start=1, end=2, name="t_len")
+    ones = g.op("ConstantOfShape", g.op("Concat", t_len, t_len, axis=0),
+                value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    causal = g.op("Mul", g.op("Trilu", ones, upper=0), mask_m, name="causal")  # m <= t, m real
+    diff = g.op("Mul", g.op("Sub", cnt_t, cnt_m), causal, name="count_diff")
+    cnt_last = g.op("Slice", cnt_m, g.ints("m1", [-1]), g.ints("big", [1 << 62]), g.ints("ax4", [4]), name="count_last")
+    to_end = g.op("Mul", g.op("Sub", cnt_last, cnt_m), mask_m, name="to_end")  # [B,1,1,1,L]
+    log_gamma = np.stack([_np(layer.attn.log_gamma).reshape(kv, grp, 1, 1) for layer in layers])
+    lg = g.const("log_gamma", log_gamma[:, None])  # [NL,1,KV,G,1,1]
+    decay_tt = g.op("Mul", g.op("Exp", g.op("Mul", diff, lg)), causal, name="decay_tt")  # [NL,B,KV,G,L,L]
+    decay_q = g.op("Exp", g.op("Mul", g.op("Unsqueeze", cnt, g.ints("ax_q", [1, 2, 4])), lg), name="decay_q")
+    decay_k = g.op("Mul", g.op("Exp", g.op("Mul", to_end, lg)), mask_m, name="decay_k")  # [NL,B,KV,G,1,L]
+    decay_s = g.op("Exp", g.op("Mul", cnt_last, lg), name="decay_s")  # [NL,B,KV,G,1,1]
+
+    emb = model.body.embed.weight
+    emb_name = g.const("embed.weight", _np(emb))
+    hidden = g.op("Gather", emb_name, "input_ids", name="embedded")
+
+    def norm(module, x, tag):
+        w = g.const(f"{tag}.weight", _np(module.weight))
+        if llama:
+            return g.op("RMSNormalization", x, w, axis=-1, epsilon=float(module.eps), name=f"{tag}.out")
+        b = g.const(f"{tag}.bias", _np(module.bias))
+        return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=float(module.eps), name=f"{tag}.out")
+
+    def linear(x, weight_t: np.ndarray, bias: np.ndarray | None, tag: str):
+        y = g.op("MatMul", x, g.const(f"{tag}.weight_t", weight_t), name=f"{tag}.mm")
+        if bias is not None:
+            y = g.op("Add", y, g.const(f"{tag}.bias", bias), name=f"{tag}.out")
+        return y
+
+    state_shape = g.ints("state_grouped", [-1, kv, grp, d, d])
+    state_out_shape = g.ints("state_flat", [-1, h_, d, d])
+    q_shape = g.ints("q_split", [0, 0, kv, grp, d])
+    kv_shape = g.ints("kv_split", [0, 0, kv, 1, d])
+    qk_shape = g.ints("qk_split", [0, 0, h_ + kv, d])
+    gn_groups = cfg.head_dim  # num_groups = head size (spec section 2)
+    gn_shape = g.ints("gn_split", [0, 0, gn_groups, big_d // gn_groups])
+    merged = g.ints("merged", [0, 0, big_d])
+    gn_ones = g.const("gn_unit", np.ones(big_d // gn_groups, np.float32))
+
+    for i, layer in enumerate(layers):
+        attn = layer.attn
+        tag = f"layers.{i}"
+        x_in = norm(layer.input_layernorm, hidden, f"{tag}.input_norm")
+        # q | k | v | gate in one product; NeoX rows are [H, 3, d] per head.
+        if llama:
+            ws = [attn.q_proj, attn.k_proj, attn.v_proj]
+            w_qkv = np.concatenate([_np(m.weight) for m in ws], 0)
+            b_qkv = np.concatenate([_np(m.bias) for m in ws]) if ws[0].bias is not None else None
+        else:
+            w3 = _np(attn.query_key_value.weight).reshape(h_, 3, d, big_d)
+            w_qkv = np.concatenate([w3[:, j].reshape(big_d, big_d) for j in range(3)], 0)
+            b_qkv = None
+            if attn.query_key_value.bias is not None:
+                b3 = _np(attn.query_key_value.bias).reshape(h_, 3, d)
+                b_qkv = np.concatenate([b3[:, j].reshape(-1) for j in range(3)])
+        w_all = np.concatenate([w_qkv.T, _np(attn.W_G)], 1)
+        b_all = None if b_qkv is None else np.concatenate([b_qkv, np.zeros(big_d, np.float32)])
+        proj = linear(x_in, w_all, b_all, f"{tag}.attn.qkvg")
+        qk, v, gate = g.op("Split", proj, g.ints(f"{tag}.split", [(h_ + kv) * d, kv * d, big_d]), axis=-1, outputs=3,
+                           name=f"{tag}.qkvg")
+        if rd:
+            extra = {"rotary_embedding_dim": rd} if rd != d else {}
+            qk = g.op("RotaryEmbedding", qk, cos, sin, num_heads=h_ + kv, name=f"{tag}.rope", **extra)
+        p = g.const(f"{tag}.attn.proj_matrix", _np(attn.proj_matrix))
+        phi = g.op("Softmax", g.op("MatMul", g.op("Reshape", qk, qk_shape), p), axis=-1, name=f"{tag}.phi")
+        fq, fk = g.op("Split", phi, g.ints(f"{tag}.qk_heads", [h_, kv]), axis=2, outputs=2, name=f"{tag}.phi_qk")
+        q5 = g.op("Transpose", g.op("Reshape", fq, q_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.q")  # [B,KV,G,L,d]
+        kt5 = g.op("Transpose", g.op("Reshape", fk, kv_shape), perm=[0, 2, 3, 4, 1], name=f"{tag}.kT")  # [B,KV,1,d,L]
+        v5 = g.op("Transpose", g.op("Reshape", v, kv_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.v")  # [B,KV,1,L,d]
+        s0 = g.op("Reshape", f"past_state.{i}", state_shape, name=f"{tag}.s0")
+        idx = g.const(f"{tag}.index", np.int64(i))
+        gamma_tt, gamma_q, gamma_k, gamma_s = (
+            g.op("Gather", t, idx, axis=0, name=f"{tag}.{n}")
+            for t, n in ((decay_tt, "decay_tt"), (decay_q, "decay_q"), (decay_k, "decay_k"), (decay_s, "decay_s"))
+        )
+        scores = g.op("Mul", g.op("MatMul", q5, kt5), gamma_tt, name=f"{tag}.scores")
+        o = g.op(
+            "Add",
+            g.op("MatMul", scores, v5),
+            g.op("Mul", g.op("MatMul", q5, s0), gamma_q),
+            name=f"{tag}.o",
+        )
+        update = g.op("MatMul", g.op("Mul", kt5, gamma_k), v5, name=f"{tag}.update")
+        s_new = g.op("Add", g.op("Mul", s0, gamma_s), update, name=f"{tag}.s_new")
+        g.op("Reshape", s_new, state_out_shape, name=f"present_state.{i}")
+        # Merge heads ([B, L, H*d], head-major), GroupNorm(num_groups = d) as a
+        # LayerNormalization over each group of H consecutive channels.
+        o = g.op("Reshape", g.op("Transpose", o, perm=[0, 3, 1, 2, 4]), gn_shape, name=f"{tag}.o_groups")
+        gn = attn.group_norm
+        o = g.op("Reshape", g.op("LayerNormalization", o, gn_ones, axis=-1, epsilon=float(gn.eps)), merged)
+        o = g.op("Add", g.op("Mul", o, g.const(f"{tag}.gn.weight", _np(gn.weight))), g.const(f"{tag}.gn.bias", _np(gn.bias)))
+        silu = g.op("Mul", gate, g.op("Sigmoid", gate), name=f"{tag}.gate")
+        out_mod = attn.o_proj if llama else attn.dense
+        a = linear(g.op("Mul", silu, o), _np(out_mod.weight).T, None if out_mod.bias is None else _np(out_mod.bias),
+                   f"{tag}.attn.out")
+        if layer.parallel_residual:
+            m = _mlp(g, layer.mlp, norm(layer.post_attention_layernorm, hidden, f"{tag}.post_norm"), cfg, tag, linear)
+            hidden = g.op("Add", g.op("Add", hidden, a), m, name=f"{tag}.hidden")
+        else:
+            hidden = g.op("Add", hidden, a, name=f"{tag}.resid")
+            m = _mlp(g, layer.mlp, norm(layer.post_attention_layernorm, hidden, f"{tag}.post_norm"), cfg, tag, linear)
+            hidden = g.op("Add", hidden, m, name=f"{tag}.hidden")
+
+    if logits == "last":
+        hidden = g.op("Slice", hidden, g.ints("last_s", [-1]), g.ints("last_e", [1 << 62]), g.ints("last_a", [1]))
+    hidden = norm(model.body.final_norm, hidden, "final_norm")
+    head = model.head
+    if cfg.tie_word_embeddings:
+        # Transpose of the embedding: the file holds the matrix once; the
+        # quantizer folds it into its own int weight with --quantize-head.
+        g.op("MatMul", hidden, g.op("Transpose", emb_name, perm=[1, 0], name="head.weight_t"), name="logits")
+    else:
+        g.op("MatMul", hidden, g.const("head.weight_t", _np(head.weight).T), name="logits")
+
+    return _model(g, cfg, logits)
+
+
+def _mlp(g: _Graph, mlp, x: str, cfg, tag: str, linear) -> str:
+    if cfg.family != "gpt_neox":
+        w = np.concatenate([_np(mlp.gate_proj.weight), _np(mlp.up_proj.weight)], 0).T
+        b = None if mlp.gate_proj.bias is None else np.concatenate([_np(mlp.gate_proj.bias), _np(mlp.up_proj.bias)])
+        gate, up = g.op("Split", linear(x, w, b, f"{tag}.mlp.gate_up"), axis=-1, num_outputs=2, outputs=2,
+                        name=f"{tag}.mlp.gate_up_split")
+        act = _activation(g, gate, cfg.hidden_act, tag)
+        down = mlp.down_proj
+        return linear(g.op("Mul", act, up), _np(down.weight).T, None if down.bias is None else _np(down.bias),
+                      f"{tag}.mlp.down")
+    up = mlp.dense_h_to_4h
+    y = linear(x, _np(up.weight).T, None if up.bias is None else _np(up.bias), f"{tag}.mlp.up")
+    dn = mlp.dense_4h_to_h
+    return linear(_activation(g, y, cfg.hidden_act, tag), _np(dn.weight).T,
+                  None if dn.bias is None else _np(dn.bias), f"{tag}.mlp.down")
+
+
+def _activation(g: _Graph, x: str, name: str, tag: str) -> str:
+    if name in ("silu", "swish"):
+        return g.op("Mul", x, g.op("Sigmoid", x), name=f"{tag}.mlp.act")
+    if name == "relu":
+        return g.op("Relu", x, name=f"{tag}.mlp.act")
+    return g.op("Gelu", x, approximate=_GELU[name], name=f"{tag}.mlp.act")
+
+
+def _model(g: _Graph, cfg, logits: str) -> onnx.ModelProto:
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    state = ["batch", *cfg.state_shape]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("attention_mask", i64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("past_position", i64, ["batch"]),
+    ] + [helper.make_tensor_value_info(f"past_state.{i}", f32, state) for i in range(cfg.num_layers)]
+    out_len = 1 if logits == "last" else "sequence"
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", out_len, cfg.vocab_size])] + [
+        helper.make_tensor_value_info(f"present_state.{i}", f32, state) for i in range(cfg.num_layers)
+    ]
+    graph = helper.make_graph(g.nodes, "dijiang_step", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DIRECT_OPSET)], producer_name="dijiang-deploy")
+    model.ir_version = _IR_VERSION
+    return model
+
+
+__all__ = ["DIRECT_OPSET", "build_step_graph"]

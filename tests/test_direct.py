@@ -1,0 +1,128 @@
+"""The directly built step graph (``--attention-op inline``) against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from dijiang_deploy.errors import DiJiangError, ExportError
+from dijiang_deploy.export import ExportOptions, Manifest, export_model
+from dijiang_deploy.export.direct import build_step_graph
+from dijiang_deploy.modeling.model import DiJiangState
+from dijiang_deploy.testing import random_model
+
+TOL = 1e-4  # max abs difference, float32 (measured ~1e-6)
+
+CASES = {
+    "neox": ("gpt_neox", {}),
+    "neox-full-rotary-no-bias": ("gpt_neox", {"rotary_pct": 1.0, "attention_bias": False, "use_parallel_residual": False}),
+    "llama-gqa": ("llama", {}),
+    "llama-yarn": ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}}),
+    "llama-mha-untied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": False}),
+}
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feed(model, ids, mask, state):
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "past_position": state.position.numpy()}
+    feed.update({f"past_state.{i}": t.numpy() for i, t in enumerate(state.layers)})
+    return feed
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("length", [1, 7])
+def test_step_matches_pytorch_with_padding_and_state(case, length):
+    """Non-zero incoming state, rows at different positions, left padding."""
+    family, overrides = CASES[case]
+    model = random_model(family, seed=3, **overrides)
+    cfg = model.config
+    sess = _session(build_step_graph(model, logits="all"))
+    gen = torch.Generator().manual_seed(length)
+    batch = 3
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[1, : length // 2] = 0
+    mask[2, :] = 0 if length == 1 else 1  # a finished row (decode) / a full row (prefill)
+    state = DiJiangState(
+        [torch.randn(batch, *cfg.state_shape, generator=gen) * 0.1 for _ in range(cfg.num_layers)],
+        torch.tensor([0, 5, 900]),
+    )
+    with torch.no_grad():
+        ref = model.step(ids, state, mask, mode="parallel")
+    out = sess.run(None, _feed(model, ids, mask, state))
+    real = mask.bool().numpy()
+    if real.any():
+        assert np.abs(out[0] - ref.logits.numpy())[real].max() <= TOL
+    for got, want in zip(out[1:], ref.state.layers):
+        assert np.abs(got - want.numpy()).max() <= TOL
+    if length == 1:  # a padded decode row leaves its state exactly as it was
+        for got, before in zip(out[1:], state.layers):
+            assert np.array_equal(got[2], before[2].numpy())
+
+
+def test_prefill_then_decode_equals_one_pass():
+    model = random_model("llama", seed=5)
+    cfg = model.config
+    sess = _session(build_step_graph(model, logits="all"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    state = model.new_state(2)
+    logits = []
+    for start, stop in ((0, 9), (9, 18), (18, 19), (19, 20)):
+        chunk = ids[:, start:stop]
+        out = sess.run(None, _feed(model, chunk, torch.ones_like(chunk), state))
+        logits.append(out[0])
+        state = DiJiangState([torch.from_numpy(s) for s in out[1:]], state.position + chunk.shape[1])
+    with torch.no_grad():
+        ref = model(ids, mode="recurrent").logits.numpy()
+    assert np.abs(np.concatenate(logits, 1) - ref).max() <= TOL
+
+
+def test_far_fewer_nodes_per_layer_than_the_traced_graph(tmp_path):
+    """Nodes one more layer adds (the per-step preamble cancels out)."""
+    counts = {}
+    for layers in (2, 3):
+        model = random_model("llama", seed=1, num_hidden_layers=layers)
+        for op in ("linear-attention", "inline"):
+            man = export_model(model, tmp_path / f"{op}{layers}", ExportOptions(attention_op=op))
+            counts[op, layers] = sum(man.decode_ops_per_layer.values()) * layers
+            if op == "inline":
+                assert "Scan" not in man.decode_ops_per_layer and "LinearAttention" not in man.decode_ops_per_layer
+                assert man.flavor == "inline"
+    traced = counts["linear-attention", 3] - counts["linear-attention", 2]
+    inline = counts["inline", 3] - counts["inline", 2]
+    assert inline <= 50 and inline <= 0.7 * traced, (inline, traced)
+
+
+def test_quantized_inline_export_runs(tmp_path):
+    from dijiang_deploy.runtime import Generator
+
+    model = random_model("llama", seed=2)
+    ref = export_model(model, tmp_path / "fp32", ExportOptions(attention_op="inline", logits="all"))
+    man = export_model(model, tmp_path / "int8", ExportOptions(attention_op="inline", logits="all", weights="int8"))
+    assert man.weights == "int8" and man.quantization["quantized_matmuls"] == 4 * model.config.num_layers
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, 24))
+    a = Generator.from_pretrained(tmp_path / "fp32").score(ids)
+    b = Generator.from_pretrained(tmp_path / "int8").score(ids)
+    assert ref.weights == "fp32"
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+def test_refusals(tmp_path):
+    model = random_model("gpt_neox", seed=9)
+    with pytest.raises(ExportError, match="float32"):
+        build_step_graph(model, dtype="fp16")
+    for attn in model.attention_layers():
+        with torch.no_grad():
+            attn.D1.mul_(1.5)
+    model.refresh_decay()
+    with pytest.raises(ExportError, match="geometric"):
+        export_model(model, tmp_path / "general", ExportOptions(attention_op="inline"))
+    assert not (tmp_path / "general").exists()
+    with pytest.raises(DiJiangError, match="attention-op"):
+        ExportOptions(attention_op="fast").validate()
