@@ -42,7 +42,7 @@ def _export(args: argparse.Namespace) -> int:
         weights=args.weights,
         block_size=args.block_size,
         symmetric=not args.asymmetric,
-        quantize_head=args.quantize_head,
+        quantize_head=not args.float_head,
     )
     man = export_checkpoint(args.model_dir, args.output, opts, overwrite=args.overwrite)
     ops = sum(man.decode_ops_per_layer.values())
@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", default="last", choices=["last", "all"], help="last position only, or all (scoring)")
     p.add_argument(
         "--attention-op",
-        default="linear-attention",
+        default="auto",
         help="linear-attention | function | plugin (traced graph, one recurrence node per layer; see "
-        "plugins/README.md) or inline (graph built directly, recurrence as standard ops: fastest on ONNX Runtime CPU)",
+        "plugins/README.md) or inline (graph built directly, recurrence as standard ops: fastest on ONNX Runtime "
+        "CPU; fp32, geometric decay). Default auto: inline where it applies, else linear-attention",
     )
     p.add_argument("--max-chunk", type=int, default=64, help="prefill chunk length the runtime feeds")
     p.add_argument(
@@ -169,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--block-size", type=int, default=32, help="quantization block length")
     p.add_argument("--asymmetric", action="store_true", help="blocks with zero points")
-    p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
+    p.add_argument(
+        "--float-head", action="store_true", help="keep the LM head in floating point with --weights int8/int4 "
+        "(default: the head is quantized to 8 bits)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_export)
 

@@ -72,32 +72,32 @@ def bundle(tmp_path_factory):
         root = tmp_path_factory.mktemp(f"q-{fam}")
         Q.quantize_weights = capture  # export_model imports it at call time
         try:
-            opts = ExportOptions(weights="int4", logits="all", max_chunk=8, attention_op=FLAVOR[fam])
+            opts = ExportOptions(weights="int4", logits="all", max_chunk=8, attention_op=FLAVOR[fam], quantize_head=False)
             export_model(model, root / "int4", opts)
         finally:
             Q.quantize_weights = real
         (float_proto,) = seen
         manifest = Manifest.load(root / "int4")
         entry = {"model": model, "float": float_proto, "int4": root / "int4"}
-        int8 = Q.quantize_weights(float_proto, ExportOptions(weights="int8", block_size=32))
+        int8 = Q.quantize_weights(float_proto, ExportOptions(weights="int8", block_size=32, quantize_head=False))
         entry["int8"] = _write_folder(int8, manifest, root / "int8", "int8")  # accuracy_level 4 (default)
-        int8_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int8"), accuracy_level=0)
+        int8_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int8", quantize_head=False), accuracy_level=0)
         entry["int8-l0"] = _write_folder(int8_l0, manifest, root / "int8-l0", "int8")
         head = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True))
         entry["int4-head"] = _write_folder(head, manifest, root / "int4-head", "int4")
         # accuracy_level 0 twins compute in float32: exact against dequantized PyTorch.
-        int4_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4"), accuracy_level=0)
+        int4_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=False), accuracy_level=0)
         entry["int4-l0"] = _write_folder(int4_l0, manifest, root / "int4-l0", "int4")
         head_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True), accuracy_level=0)
         entry["int4-head-l0"] = _write_folder(head_l0, manifest, root / "int4-head-l0", "int4")
         asym = Q.quantize_weights(
-            float_proto, ExportOptions(weights="int4", symmetric=False, block_size=16), accuracy_level=0
+            float_proto, ExportOptions(weights="int4", symmetric=False, block_size=16, quantize_head=False), accuracy_level=0
         )
         entry["int4-asym"] = _write_folder(asym, manifest, root / "int4-asym", "int4")
         if fam == "llama":  # Q/DQ needs opset >= 21 (both flavors have it); one family is enough
             Q.write_qdq_export(root / "int4", root / "qdq4")
             entry["qdq4"] = root / "qdq4"
-            qdq8 = Q.qdq_weights(float_proto, ExportOptions(weights="int8"))
+            qdq8 = Q.qdq_weights(float_proto, ExportOptions(weights="int8", quantize_head=False))
             entry["qdq8"] = _write_folder(qdq8, manifest, root / "qdq8", "int8")
         out[fam] = entry
     return out

@@ -51,7 +51,8 @@ def _reusable_export(folder: Path, sha: str, weights: str, max_chunk: int) -> bo
         man.source.get("sha256") == sha
         and man.weights == weights
         and man.max_chunk == max_chunk
-        and man.flavor == "linear-attention"
+        # what ExportOptions' "auto" gives: the inline graph, except for fp16
+        and man.flavor == ("linear-attention" if weights == "fp16" else "inline")
         and (folder / man.model_file).exists()
     )
 

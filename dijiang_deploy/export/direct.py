@@ -235,7 +235,7 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     head = model.head
     if cfg.tie_word_embeddings:
         # Transpose of the embedding: the file holds the matrix once; the
-        # quantizer folds it into its own int weight with --quantize-head.
+        # quantizer folds it into its own int weight when it quantizes the head.
         g.op("MatMul", hidden, g.op("Transpose", emb_name, perm=[1, 0], name="head.weight_t"), name="logits")
     else:
         g.op("MatMul", hidden, g.const("head.weight_t", _np(head.weight).T), name="logits")

@@ -10,6 +10,7 @@ prefill chunk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import io
 import hashlib
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 #: ``--attention-op`` values: the traced flavors plus ``inline`` (the graph
 #: built directly with the recurrence as standard ops, see :mod:`.direct`).
-ATTENTION_OPS = (*FLAVORS, "inline")
+ATTENTION_OPS = ("auto", *FLAVORS, "inline")
 #: Above this size weights go to an external data file (protobuf caps at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -56,23 +57,27 @@ class ExportOptions:
             traced graph, recurrence as one node per layer) or ``inline``
             (built directly, recurrence as standard ops; fastest on ONNX
             Runtime CPU, float32 activations, geometric decay only).
+            ``auto`` (default) picks ``inline`` where it applies and
+            ``linear-attention`` otherwise (fp16, general decay tables).
         max_chunk: the prefill chunk length the runtime should feed.
         weights: ``fp32``/``fp16`` (same as ``dtype``) or ``int8``/``int4``
             weight-only quantization of the linear layers (see
             :mod:`.quantize`); the state path is never quantized.
         block_size: quantization block length along the input dimension.
         symmetric: symmetric (no zero point) or asymmetric blocks.
-        quantize_head: also quantize the LM head.
+        quantize_head: also quantize the LM head (at 8 bits, see
+            :data:`.quantize.HEAD_BITS`); on by default: it is the largest
+            matrix (a third of SmolLM2's int4 step without it).
     """
 
     dtype: str = "fp32"
     logits: str = "last"
-    attention_op: str = "linear-attention"
+    attention_op: str = "auto"
     max_chunk: int = 64
     weights: str | None = None
     block_size: int = 32
     symmetric: bool = True
-    quantize_head: bool = False
+    quantize_head: bool = True
 
     @property
     def weight_format(self) -> str:
@@ -93,6 +98,15 @@ class ExportOptions:
             raise DiJiangError(f"--weights {self.weights} contradicts --dtype {self.dtype}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise DiJiangError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+
+
+def resolve_attention_op(model: DiJiangForCausalLM, options: ExportOptions) -> ExportOptions:
+    """``auto`` -> ``inline`` for float32 graphs of geometric-decay models, else ``linear-attention``."""
+    if options.attention_op != "auto":
+        return options
+    geometric = all(a.geometric for a in model.attention_layers())
+    op = "inline" if options.dtype == "fp32" and geometric else "linear-attention"
+    return dataclasses.replace(options, attention_op=op)
 
 
 class StepGraph(nn.Module):
@@ -205,6 +219,7 @@ def export_model(
     """Export ``model`` into ``out_dir`` (atomically) and return its manifest."""
     options = options or ExportOptions()
     options.validate()
+    options = resolve_attention_op(model, options)
     started = time.time()
     if options.attention_op == "inline":
         proto = build_step_graph(model, options.logits, options.dtype)

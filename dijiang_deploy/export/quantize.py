@@ -358,7 +358,7 @@ def quantize_weights(
         raise ExportError(f"quantizer produced {len(made)} MatMulNBits nodes for {len(selected)} selected MatMuls")
     _assert_state_untouched(proto, out)
     layers = _num_layers(out.graph)
-    extra = {"head_bits": head_bits} if head else {}
+    extra = {"head_bits": head_bits} if any(w.role == "head" for w in selected) else {}
     _set_metadata(out, _record("matmulnbits", bits, options, selected, skipped, layers, accuracy_level=level, **extra))
     log.info("quantized %d MatMuls to %d-bit MatMulNBits (block %d)", len(selected), bits, options.block_size)
     return out
