@@ -66,6 +66,20 @@ def test_shipped_targets_load_and_validate() -> None:
         assert t.workspace_mib <= t.memory_gib * 1024 / 2
 
 
+def test_targets_ship_inside_the_package() -> None:
+    """Wheels carry dijiang_deploy/build/targets/*.json (pyproject package-data);
+    in a checkout that folder is the repository's export/targets."""
+    import dijiang_deploy.build.targets as targets_mod
+
+    folder = Path(targets_mod.__file__).parent / "targets"
+    assert sorted(p.stem for p in folder.glob("*.json")) == SHIPPED
+    repo = Path(__file__).resolve().parents[1] / "export" / "targets"
+    for name in SHIPPED:
+        assert (folder / f"{name}.json").read_bytes() == (repo / f"{name}.json").read_bytes()
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"dijiang_deploy.build" = ["targets/*.json"]' in pyproject
+
+
 def test_jetson_targets_use_the_plugin_flavor_and_sm87() -> None:
     for name in ("orin-nano-8gb", "agx-orin-64gb"):
         t = load_target(name)

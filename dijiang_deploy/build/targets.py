@@ -1,6 +1,7 @@
 """Target device profiles: default build settings per GPU family.
 
-Profiles are JSON files in ``export/targets/`` at the repository root (or in
+Profiles are JSON files in ``export/targets/`` at the repository root, shipped
+in the package as ``dijiang_deploy/build/targets/`` (or in
 the folder named by ``$DIJIANG_TARGETS_DIR``); ``--target`` takes a profile
 name (the file stem) or a path to a JSON file. Explicit build flags override
 a profile's values.
@@ -17,8 +18,9 @@ from typing import Any
 
 from ..errors import DiJiangError
 
-#: Repository-level folder of the shipped profiles.
-DEFAULT_TARGETS_DIR = Path(__file__).resolve().parents[2] / "export" / "targets"
+#: The shipped profiles: ``export/targets`` at the repository root, reached
+#: through the package's ``build/targets`` symlink (wheels carry them there).
+DEFAULT_TARGETS_DIR = Path(__file__).parent / "targets"
 PRECISIONS = ("fp16", "fp32")
 FLAVORS = ("linear-attention", "function", "plugin")
 #: The exporter's dynamic-dimension bounds (``dijiang_deploy.export.graph.trace``).
