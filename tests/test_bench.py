@@ -130,6 +130,33 @@ def test_checks_flag_a_missed_target():
     assert roof["value"] == pytest.approx(0.8) and roof["passed"] is True
 
 
+def test_quantization_targets_are_checked():
+    def system(name, speeds):
+        return {
+            "system": name,
+            "info": {},
+            "results": [
+                {"context": c, "decode_tokens_per_s": v, "prefill_tokens_per_s": 1.0, "peak_rss_bytes": 1e9, "state_bytes": 1}
+                for c, v in speeds.items()
+            ],
+        }
+
+    results = {
+        "meta": {},
+        "systems": [
+            system("dijiang-ort-fp32", {128: 40.0, 4096: 40.0}),
+            system("dijiang-ort-int4", {128: 96.0, 4096: 100.0}),
+            system("llamacpp-q4_1", {128: 120.0, 4096: 45.0}),
+        ],
+    }
+    checks = {c["check"]: c for c in target_checks(flat_rows(results))}
+    speedup = checks["decode dijiang-ort-int4 / dijiang-ort-fp32 at 128"]
+    assert speedup["value"] == pytest.approx(2.4) and speedup["passed"] is False
+    cpp = checks["decode dijiang-ort-int4 / llamacpp-q4_1 at 4096"]
+    assert cpp["value"] == pytest.approx(100 / 45) and cpp["passed"] is True
+    assert checks["decode dijiang-ort-int4 / llamacpp-q4_1 at 128"]["passed"] is None
+
+
 def test_option_parsing():
     assert parse_contexts("1024,128,128") == [128, 1024]
     assert parse_systems("dijiang-ort,llamacpp-q4_1") == [
@@ -154,3 +181,21 @@ def test_gpu_request_without_gpu_is_a_note(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["systems"] == [] and any("cuda" in n for n in data["notes"])
     assert "nothing measured" in (tmp_path / "table.md").read_text()
+
+
+def test_rounds_are_merged_by_median():
+    from dijiang_deploy.bench.runner import merge_rounds
+
+    def record(decode, prefill_s, peak):
+        row = {"context": 128, "decode_tokens_per_s": decode, "prefill_seconds": prefill_s,
+               "prefill_tokens_per_s": 128 / prefill_s, "peak_rss_bytes": peak}
+        return {"system": "s", "results": [row], "wall_seconds": 1.0}
+
+    merged = merge_rounds([record(10.0, 1.0, 5), record(30.0, 4.0, 7), record(20.0, 2.0, 6)])
+    (row,) = merged["results"]
+    assert row["decode_tokens_per_s"] == 20.0 and row["decode_rounds_tokens_per_s"] == [10.0, 30.0, 20.0]
+    assert row["prefill_tokens_per_s"] == 64.0 and row["peak_rss_bytes"] == 7 and row["rounds"] == 3
+    assert merged["rounds"] == 3 and merged["wall_seconds"] == 3.0
+    single = record(1.0, 1.0, 1)
+    assert merge_rounds([single]) is single
+    assert main(["bench", "--rounds", "0", "--quick"]) == 2  # one-line error, exit 2

@@ -80,6 +80,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the ONNX Runtime profile of the decode step")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per system")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="measure the systems in turn this many times and report medians "
+        "over rounds (steadier ratios on a machine whose speed drifts)"
+    )
     p.set_defaults(func=run)
 
 
@@ -88,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     from .runner import DEFAULT_CONTEXTS, QUICK_CONTEXTS, BenchOptions, run_bench
 
     contexts = parse_contexts(args.contexts) if args.contexts else list(QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
-    for name, value in (("--repeats", args.repeats), ("--decode-steps", args.decode_steps), ("--threads", args.threads)):
+    for name, value in (
+        ("--repeats", args.repeats), ("--decode-steps", args.decode_steps), ("--threads", args.threads), ("--rounds", args.rounds)
+    ):
         if value is not None and value < (0 if name == "--threads" else 1):
             raise DiJiangError(f"{name} must be positive, got {value}")
     opts = BenchOptions(
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         profile=not args.no_profile,
         timeout=args.timeout,
         seed=args.seed,
+        rounds=args.rounds,
     )
     run_bench(opts)
     print((opts.out / "table.txt").read_text(), end="")

@@ -10,6 +10,11 @@ Protocol per system and context length C (ascending):
    so far); DiJiang holds its fixed-size state after C tokens;
 3. peak resident memory of the worker process during 1-2 and the size of the
    state/KV cache after 2.
+
+With ``rounds`` > 1 the systems are measured in turn, round after round, and
+each figure is the median over rounds: a shared or virtual machine whose
+speed drifts over minutes then slows every system alike instead of whichever
+one happened to run during a slow spell.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from .artifacts import prepare
@@ -52,6 +58,7 @@ class BenchOptions:
     profile: bool = True
     timeout: int = 1800
     seed: int = 0
+    rounds: int = 1
 
     def resolved_threads(self) -> int:
         """Threads for every runtime: the option, else the number of CPUs."""
@@ -116,6 +123,41 @@ def run_worker(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
         return record
 
 
+def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record per system: per context, the median over rounds of the
+    decode and prefill speeds (each round's figure kept beside it) and the
+    largest peak memory. A single round is returned as it is."""
+    if len(records) == 1:
+        return records[0]
+    merged = dict(records[-1])
+    merged["rounds"] = len(records)
+    merged["wall_seconds"] = sum(r.get("wall_seconds", 0.0) for r in records)
+    errors = [r["error"] for r in records if r.get("error")]
+    if errors:
+        merged["error"] = errors[0]
+    by_context: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        for row in record.get("results", []):
+            by_context.setdefault(row["context"], []).append(row)
+    rows = []
+    for context in sorted(by_context):
+        got = by_context[context]
+        row = dict(got[-1])
+        decode = [r["decode_tokens_per_s"] for r in got]
+        prefill = [r["prefill_seconds"] for r in got]
+        row.update(
+            decode_tokens_per_s=median(decode),
+            decode_rounds_tokens_per_s=decode,
+            prefill_seconds=median(prefill),
+            prefill_tokens_per_s=context / median(prefill),
+            peak_rss_bytes=max(r["peak_rss_bytes"] for r in got),
+            rounds=len(got),
+        )
+        rows.append(row)
+    merged["results"] = rows
+    return merged
+
+
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run everything ``opts`` asks for, write the outputs into ``opts.out``, return the results."""
     from .report import write_outputs
@@ -174,19 +216,24 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "vocab_size": prep.vocab_size,
             "seed": opts.seed,
         }
-        for name in [s for s in ALL_SYSTEMS if s in prep.specs]:
-            _log(f"{name}: contexts {run_settings['contexts']}")
-            t0 = time.time()
-            record = run_worker(dict(prep.specs[name], **run_settings), opts.timeout)
-            record["wall_seconds"] = time.time() - t0
-            if record.get("error"):
-                _log(f"{name}: {record['error']}")
-            for row in record.get("results", []):
-                _log(
-                    f"{name} @ {row['context']}: decode {row['decode_tokens_per_s']:.1f} tok/s, "
-                    f"prefill {row['prefill_tokens_per_s']:.1f} tok/s, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB"
-                )
-            results["systems"].append(record)
+        names = [s for s in ALL_SYSTEMS if s in prep.specs]
+        per_round: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for round_index in range(opts.rounds):
+            for name in names:
+                label = name if opts.rounds == 1 else f"{name} (round {round_index + 1}/{opts.rounds})"
+                _log(f"{label}: contexts {run_settings['contexts']}")
+                t0 = time.time()
+                record = run_worker(dict(prep.specs[name], **run_settings), opts.timeout)
+                record["wall_seconds"] = time.time() - t0
+                if record.get("error"):
+                    _log(f"{name}: {record['error']}")
+                for row in record.get("results", []):
+                    _log(
+                        f"{label} @ {row['context']}: decode {row['decode_tokens_per_s']:.1f} tok/s, "
+                        f"prefill {row['prefill_tokens_per_s']:.1f} tok/s, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB"
+                    )
+                per_round[name].append(record)
+        results["systems"].extend(merge_rounds(records) for records in per_round.values())
 
         if opts.profile and "dijiang-ort-fp32" in prep.specs:
             _log("profiling the dijiang-ort-fp32 decode step")

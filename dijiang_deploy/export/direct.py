@@ -14,7 +14,7 @@ writes the same function with ~45 nodes per layer:
 * grouped-query heads broadcast inside ``MatMul`` (``[B, KV, G, L, d]``)
   instead of expanding k and v;
 * the chunked recurrence of spec section 5 in plain ``MatMul``/``Exp`` ops,
-  its decay factors for all layers computed once per step.
+  its per-token decay factors for all layers computed once per step.
 
 Same inputs, outputs and numerics as the traced graph (tested against the
 PyTorch reference); geometric decay only (the general D1/D2 form keeps the
@@ -128,12 +128,16 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     ones = g.op("ConstantOfShape", g.op("Concat", t_len, t_len, axis=0),
                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
     causal = g.op("Mul", g.op("Trilu", ones, upper=0), mask_m, name="causal")  # m <= t, m real
-    diff = g.op("Mul", g.op("Sub", cnt_t, cnt_m), causal, name="count_diff")
+    # Pairs outside `causal` get a huge count difference, so exp(diff * log gamma)
+    # underflows to exactly 0 there (log gamma is kept <= -1e-12 below).
+    outside = g.op("Mul", g.op("Sub", g.const("one_f", np.float32(1.0)), causal), g.const("huge", np.float32(1e30)))
+    diff = g.op("Add", g.op("Mul", g.op("Sub", cnt_t, cnt_m), causal), outside, name="count_diff")  # [B,1,1,L,L]
     cnt_last = g.op("Slice", cnt_m, g.ints("m1", [-1]), g.ints("big", [1 << 62]), g.ints("ax4", [4]), name="count_last")
     to_end = g.op("Mul", g.op("Sub", cnt_last, cnt_m), mask_m, name="to_end")  # [B,1,1,1,L]
-    log_gamma = np.stack([_np(layer.attn.log_gamma).reshape(kv, grp, 1, 1) for layer in layers])
+    # gamma rounds to 1.0 in float32 for very slow decay; a log of exactly 0
+    # would turn the 1e30 mask above into exp(0) = 1.
+    log_gamma = np.minimum(np.stack([_np(layer.attn.log_gamma).reshape(kv, grp, 1, 1) for layer in layers]), -1e-12)
     lg = g.const("log_gamma", log_gamma[:, None])  # [NL,1,KV,G,1,1]
-    decay_tt = g.op("Mul", g.op("Exp", g.op("Mul", diff, lg)), causal, name="decay_tt")  # [NL,B,KV,G,L,L]
     decay_q = g.op("Exp", g.op("Mul", g.op("Unsqueeze", cnt, g.ints("ax_q", [1, 2, 4])), lg), name="decay_q")
     decay_k = g.op("Mul", g.op("Exp", g.op("Mul", to_end, lg)), mask_m, name="decay_k")  # [NL,B,KV,G,1,L]
     decay_s = g.op("Exp", g.op("Mul", cnt_last, lg), name="decay_s")  # [NL,B,KV,G,1,1]
@@ -197,10 +201,14 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
         v5 = g.op("Transpose", g.op("Reshape", v, kv_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.v")  # [B,KV,1,L,d]
         s0 = g.op("Reshape", f"past_state.{i}", state_shape, name=f"{tag}.s0")
         idx = g.const(f"{tag}.index", np.int64(i))
-        gamma_tt, gamma_q, gamma_k, gamma_s = (
+        gamma_q, gamma_k, gamma_s = (
             g.op("Gather", t, idx, axis=0, name=f"{tag}.{n}")
-            for t, n in ((decay_tt, "decay_tt"), (decay_q, "decay_q"), (decay_k, "decay_k"), (decay_s, "decay_s"))
+            for t, n in ((decay_q, "decay_q"), (decay_k, "decay_k"), (decay_s, "decay_s"))
         )
+        # The [L, L] factors per layer, not stacked for all layers: a stacked
+        # [layers, B, H, L, L] tensor would reach gigabytes at long chunks.
+        lg_i = g.const(f"{tag}.log_gamma", log_gamma[i])  # [KV,G,1,1]
+        gamma_tt = g.op("Exp", g.op("Mul", diff, lg_i), name=f"{tag}.decay_tt")  # [B,KV,G,L,L]
         scores = g.op("Mul", g.op("MatMul", q5, kt5), gamma_tt, name=f"{tag}.scores")
         o = g.op(
             "Add",
