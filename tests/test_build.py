@@ -263,6 +263,13 @@ def test_refuses_missing_plugin_library(plugin_export: Path, capsys, tmp_path: P
     _one_line_error(code, err, "no libdijiang_trt_plugins.so: pass --plugin-lib PATH")
 
 
+def test_refuses_the_inline_graph(capsys, tmp_path: Path) -> None:
+    inline = tmp_path / "inline"
+    export_model(random_model("llama"), inline, ExportOptions(attention_op="inline"))
+    code, _, err = _cli(capsys, str(inline), "-o", str(tmp_path / "e"), "--print-trtexec")
+    _one_line_error(code, err, "--attention-op plugin")
+
+
 def test_cli_errors_are_one_line(plugin_export: Path, capsys, tmp_path: Path) -> None:
     code, _, err = _cli(capsys, str(plugin_export), "-o", str(tmp_path / "e"), "--target", "tpu", "--print-trtexec")
     _one_line_error(code, err, "unknown target 'tpu'")

@@ -144,6 +144,14 @@ def profile_specs(manifest: Manifest, options: BuildOptions) -> list[ProfileSpec
 
 def check_manifest_inputs(manifest: Manifest) -> None:
     """The step-graph contract this builder knows how to profile."""
+    if manifest.flavor == "inline":
+        # The inline graph is tuned for ONNX Runtime's CPU kernels (opset-23
+        # RMSNormalization/RotaryEmbedding, the recurrence as many small ops);
+        # TensorRT gets the recurrence as one plugin layer instead.
+        raise DiJiangError(
+            "this export uses --attention-op inline (built for ONNX Runtime); for TensorRT export with "
+            "--attention-op plugin (TensorRT 10.3, Jetson) or function"
+        )
     names = [t.name for t in manifest.inputs]
     want = ["input_ids", "attention_mask", "past_position", *manifest.state_inputs]
     if names != want:

@@ -5,7 +5,7 @@ node: ~140 nodes per layer after ONNX Runtime's rewrites, mostly shape
 arithmetic, transposes and casts around rotary, GQA and the recurrence, plus a
 ``Scan`` for ``LinearAttention``. On a CPU decoding one token those small
 nodes cost more than the matrix products of a quantized model. This builder
-writes the same function with ~45 nodes per layer:
+writes the same function with ~50 nodes per layer:
 
 * fused projections: one ``MatMul`` for q|k|v|W_G, one for the MLP's
   gate|up (the quantizer still sees plain ``[K, N]`` weights);
