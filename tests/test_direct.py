@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dijiang_deploy.errors import DiJiangError, ExportError
-from dijiang_deploy.export import ExportOptions, Manifest, export_model
+from dijiang_deploy.export import ExportOptions, export_model
 from dijiang_deploy.export.direct import build_step_graph
 from dijiang_deploy.modeling.model import DiJiangState
 from dijiang_deploy.testing import random_model

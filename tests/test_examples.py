@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from dijiang_deploy.export import ExportOptions, export_model
 from dijiang_deploy.testing import random_model

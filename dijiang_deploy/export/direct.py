@@ -92,7 +92,6 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     h_, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     grp, big_d, rd = h_ // kv, cfg.hidden_size, cfg.rotary_ndims
     layers = list(model.body.layers)
-    n_layers = len(layers)
     llama = cfg.family != "gpt_neox"
     g = _Graph()
 

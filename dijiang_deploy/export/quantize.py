@@ -532,7 +532,6 @@ def matmulnbits_to_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
         k, n, bits, bs = (int(_attr(node, a)) for a in ("K", "N", "bits", "block_size"))
         b_name, s_name = node.input[1], node.input[2]
         codes, scales = _nbits_codes(node, inits)
-        k_blocks = scales.shape[1]
         base = node.name or b_name
         if bits == 4:
             signed = (codes.T.astype(np.int16) - 8).astype(np.int8)  # [K, N] in -8..7

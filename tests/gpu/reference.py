@@ -94,7 +94,6 @@ def chunked(inputs: dict, heads: int, scale: float = 1.0, chunk: int = 64):
 def onnxruntime_reference(inputs: dict, heads: int, rule: str, scale: float = 1.0):
     """Runs ONNX Runtime's LinearAttention in float32 on the (already rounded) inputs.
     ORT needs static shapes on the graph inputs and outputs for this op."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
