@@ -364,3 +364,20 @@ def test_bad_inputs_raise_user_errors(trained, tmp_path):
         finetune(d, tmp_path / "o", data=trained["train"], teacher=SoftmaxTeacher.from_base(random_base("gpt_neox")),
                  steps=2, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_training_data_grows_with_the_budget():
+    from dijiang_deploy.finetune.config import DataConfig
+
+    def resolved(minutes, steps=None, **kw):
+        dc = DataConfig(**kw)
+        dc.resolve(minutes, steps)
+        return dc.max_tokens, dc.generated
+
+    assert resolved(3) == (16384, 0)
+    assert resolved(9) == (16384, 32)  # the reference budget: unchanged
+    assert resolved(20) == (36352, 71)  # x 20/9, whole 256-token sequences
+    assert resolved(600) == (65536, 128)  # capped at 4x
+    assert resolved(20, steps=50) == (16384, 32)  # a step count is not a time budget
+    assert resolved(20, generated=5) == (36352, 5)  # an explicit count is kept
+    assert resolved(20, scale_with_budget=False) == (16384, 32)

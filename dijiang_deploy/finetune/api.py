@@ -368,8 +368,7 @@ def finetune(
             raise DiJiangError(f"budget_minutes must be > 0, got {budget_minutes}")
         cfg.budget_minutes = float(budget_minutes)
     _split_steps(steps, cfg)
-    if cfg.data.generated is None:
-        cfg.data.generated = 32 if (steps is not None or cfg.budget_minutes >= 6) else 0
+    cfg.data.resolve(cfg.budget_minutes, steps)
     if lora_rank < 0:
         raise DiJiangError(f"lora_rank must be >= 0, got {lora_rank}")
     if out_dir.exists() and not overwrite:

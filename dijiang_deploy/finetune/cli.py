@@ -94,7 +94,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--generated", type=int,
         help="chat answers the teacher writes from built-in prompts, added to the built-in text "
-        "(default: 32 for budgets >= 6 min, else 0)",
+        "(default: 32 for budgets >= 6 min, else 0; budgets over 9 min scale it and the training text "
+        "with the budget, up to 4x)",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: CPU count - 1, at least 1)")
     p.add_argument("--no-resume", action="store_true", help="ignore state left by an interrupted run")

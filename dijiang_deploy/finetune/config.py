@@ -28,6 +28,11 @@ class DataConfig:
         generated_tokens: maximum new tokens per generated answer.
         builtin_chars: characters of local text (package descriptions, stdlib
             docstrings) read for the built-in corpus.
+        scale_with_budget: on a time budget above :data:`REFERENCE_BUDGET`
+            minutes, grow ``max_tokens`` and the automatic ``generated`` count
+            in proportion (up to :data:`MAX_DATA_SCALE` times): a 20-minute
+            run on the fixed 16k tokens saw them four times and fit them
+            (training loss 4.3 -> 2.1) while held-out perplexity gained little.
     """
 
     seq_len: int = 256
@@ -35,6 +40,27 @@ class DataConfig:
     generated: int | None = None
     generated_tokens: int = 160
     builtin_chars: int = 3_000_000
+    scale_with_budget: bool = True
+
+    def resolve(self, budget_minutes: float, steps: int | None) -> None:
+        """Fill ``generated`` (None: 32 from 6 minutes or with steps, else 0)
+        and scale the data with the budget (see ``scale_with_budget``)."""
+        auto_generated = self.generated is None
+        if auto_generated:
+            self.generated = 32 if (steps is not None or budget_minutes >= 6) else 0
+        if not self.scale_with_budget or steps is not None or budget_minutes <= REFERENCE_BUDGET:
+            return
+        factor = min(budget_minutes / REFERENCE_BUDGET, MAX_DATA_SCALE)
+        self.max_tokens = max(self.max_tokens, int(self.max_tokens * factor) // self.seq_len * self.seq_len)
+        if auto_generated:
+            self.generated = int(self.generated * factor)
+
+
+#: The budget (minutes) the default data size was chosen for.
+REFERENCE_BUDGET = 9.0
+#: Largest data growth from ``scale_with_budget`` (the teacher cache is
+#: ~69 KB per SmolLM2 token: 4x = 65k tokens = 4.5 GB).
+MAX_DATA_SCALE = 4.0
 
 
 @dataclass
