@@ -34,6 +34,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import ExportOptions, export_checkpoint
 
+    if args.float_head and args.weights not in ("int8", "int4"):
+        raise DiJiangError("--float-head applies to --weights int8/int4 exports only (other exports keep the head as it is)")
     opts = ExportOptions(
         dtype=args.dtype,
         logits=args.logits,

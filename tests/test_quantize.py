@@ -330,6 +330,30 @@ def test_qdq_int8_per_channel(bundle):
     assert np.abs(got - _torch_logits(b["model"], ids)).max() <= NOISE["int8"][0]
 
 
+def test_qdq_of_int4_with_8_bit_head(bundle, tmp_path):
+    """The default int4 export (head at 8 bits) converts to TensorRT's Q/DQ form:
+    blocked INT4 for the layers, per-channel INT8 for the head, and the folder checks pass."""
+    b = bundle["llama"]
+    Q.write_qdq_export(b["int4-head"], tmp_path / "qdq")
+    proto = onnx.load(str(tmp_path / "qdq" / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    kinds = {}
+    for n in (n for n in proto.graph.node if n.op_type == "DequantizeLinear"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        kinds.setdefault((inits[n.input[0]].data_type, tuple(sorted(attrs.items()))), []).append(n.name)
+    layers = b["model"].config.num_layers
+    assert {k: len(v) for k, v in kinds.items()} == {
+        (TensorProto.INT4, (("axis", 0), ("block_size", 32))): PER_LAYER["llama"] * layers,
+        (TensorProto.INT8, (("axis", 1),)): 1,
+    }
+    info = Q.check_quantized_export(tmp_path / "qdq")
+    assert info["format"] == "qdq" and info["bits"] == 4 and info["head_bits"] == 8
+    ids = _ids(b["model"], seed=5)
+    got = Generator.from_pretrained(tmp_path / "qdq").score(ids)
+    want = Generator.from_pretrained(b["int4-head"]).score(ids)
+    assert np.abs(got - want).max() <= 0.1  # the head re-rounded per channel, int8 activations
+
+
 # -- selection on hand-made graphs (no tracing) --------------------------------------------
 
 

@@ -41,6 +41,7 @@ def quantize_available() -> bool:
 
 
 def _reusable_export(folder: Path, sha: str, weights: str, max_chunk: int) -> bool:
+    from ..export.graph import auto_attention_op
     from ..export.manifest import Manifest
 
     try:
@@ -51,8 +52,8 @@ def _reusable_export(folder: Path, sha: str, weights: str, max_chunk: int) -> bo
         man.source.get("sha256") == sha
         and man.weights == weights
         and man.max_chunk == max_chunk
-        # what ExportOptions' "auto" gives: the inline graph, except for fp16
-        and man.flavor == ("linear-attention" if weights == "fp16" else "inline")
+        # the flavor the export's default ("auto") gives for this format
+        and man.flavor == auto_attention_op(man.dtype, man.decay == "geometric")
         and (folder / man.model_file).exists()
     )
 

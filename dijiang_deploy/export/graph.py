@@ -100,13 +100,17 @@ class ExportOptions:
             raise DiJiangError(f"--block-size must be a power of two >= 16, got {self.block_size}")
 
 
+def auto_attention_op(dtype: str, geometric: bool) -> str:
+    """What ``auto`` becomes: ``inline`` for float32 graphs of geometric-decay models, else ``linear-attention``."""
+    return "inline" if dtype == "fp32" and geometric else "linear-attention"
+
+
 def resolve_attention_op(model: DiJiangForCausalLM, options: ExportOptions) -> ExportOptions:
-    """``auto`` -> ``inline`` for float32 graphs of geometric-decay models, else ``linear-attention``."""
+    """``options`` with ``auto`` replaced by :func:`auto_attention_op` for ``model``."""
     if options.attention_op != "auto":
         return options
     geometric = all(a.geometric for a in model.attention_layers())
-    op = "inline" if options.dtype == "fp32" and geometric else "linear-attention"
-    return dataclasses.replace(options, attention_op=op)
+    return dataclasses.replace(options, attention_op=auto_attention_op(options.dtype, geometric))
 
 
 class StepGraph(nn.Module):
