@@ -36,6 +36,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.float_head and args.weights not in ("int8", "int4"):
         raise DiJiangError("--float-head applies to --weights int8/int4 exports only (other exports keep the head as it is)")
+    quantized = args.weights in ("int8", "int4")
+    if not quantized and (args.no_calibrate or args.calibration_data or args.calibration_tokens is not None):
+        raise DiJiangError("calibration options apply to --weights int8/int4 exports only")
     opts = ExportOptions(
         dtype=args.dtype,
         logits=args.logits,
@@ -45,6 +48,9 @@ def _export(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         symmetric=not args.asymmetric,
         quantize_head=not args.float_head,
+        calibrate=not args.no_calibrate,
+        calibration_data=args.calibration_data,
+        calibration_tokens=args.calibration_tokens or ExportOptions.calibration_tokens,
     )
     man = export_checkpoint(args.model_dir, args.output, opts, overwrite=args.overwrite)
     ops = sum(man.decode_ops_per_layer.values())
@@ -176,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--float-head", action="store_true", help="keep the LM head in floating point with --weights int8/int4 "
         "(default: the head is quantized to 8 bits)"
     )
+    p.add_argument(
+        "--no-calibrate", action="store_true", help="int8/int4: plain round-to-nearest, without the activation-aware "
+        "rescaling of input channels (default: rescale, measured on --calibration-data)"
+    )
+    p.add_argument("--calibration-data", help="text file or folder for calibration (default: built-in local corpus)")
+    p.add_argument("--calibration-tokens", type=int, help="calibration tokens (default 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_export)
 

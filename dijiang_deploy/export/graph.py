@@ -68,6 +68,12 @@ class ExportOptions:
         quantize_head: also quantize the LM head (at 8 bits, see
             :data:`.quantize.HEAD_BITS`); on by default: it is the largest
             matrix (a third of SmolLM2's int4 step without it).
+        calibrate: before int8/int4 quantization, rescale input channels
+            by activation statistics (:mod:`.calibrate`; exact in float,
+            int4 SmolLM2 top-1 agreement 54% -> 77%). Off: plain RTN.
+        calibration_data: text file or folder for the calibration pass;
+            None: the built-in local corpus.
+        calibration_tokens: tokens of calibration text.
     """
 
     dtype: str = "fp32"
@@ -78,6 +84,9 @@ class ExportOptions:
     block_size: int = 32
     symmetric: bool = True
     quantize_head: bool = True
+    calibrate: bool = True
+    calibration_data: str | None = None
+    calibration_tokens: int = 1024
 
     @property
     def weight_format(self) -> str:
@@ -98,6 +107,10 @@ class ExportOptions:
             raise DiJiangError(f"--weights {self.weights} contradicts --dtype {self.dtype}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise DiJiangError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.calibration_tokens < 2:
+            raise DiJiangError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
+        if self.calibration_data is not None and not Path(self.calibration_data).exists():
+            raise DiJiangError(f"--calibration-data {self.calibration_data}: no such file or folder")
 
 
 def auto_attention_op(dtype: str, geometric: bool) -> str:
@@ -225,6 +238,9 @@ def export_model(
     options.validate()
     options = resolve_attention_op(model, options)
     started = time.time()
+    calibration = None
+    if options.weight_format in ("int8", "int4") and options.calibrate:
+        model, calibration = _calibrated(model, options, tokenizer_dir)
     if options.attention_op == "inline":
         proto = build_step_graph(model, options.logits, options.dtype)
         opset = DIRECT_OPSET
@@ -237,7 +253,7 @@ def export_model(
     if options.weight_format in ("int8", "int4"):
         from .quantize import quantization_info, quantize_weights
 
-        proto = quantize_weights(proto, options)
+        proto = quantize_weights(proto, options, calibration=calibration)
         quantization = {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
     if options.attention_op != "linear-attention":
         onnx.checker.check_model(proto, full_check=True)
@@ -283,6 +299,24 @@ def export_model(
         manifest.export_seconds = round(time.time() - started, 1)
         (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
+
+
+def _calibrated(
+    model: DiJiangForCausalLM, options: ExportOptions, tokenizer_dir: str | Path | None
+) -> tuple[DiJiangForCausalLM, dict]:
+    """The activation-aware rescaled copy of ``model`` for ``options``' quantizer, and its record."""
+    from .calibrate import CalibrationConfig, calibrate_for_quantization, calibration_ids
+    from .quantize import BITS
+
+    seq_len = min(256, options.calibration_tokens)
+    config = CalibrationConfig(tokens=options.calibration_tokens, seq_len=seq_len, data=options.calibration_data)
+    ids = calibration_ids(tokenizer_dir, model.config.vocab_size, config)
+    scaled, report = calibrate_for_quantization(
+        model, ids, BITS[options.weight_format], options.block_size, options.symmetric, config.search_rows
+    )
+    record = report.to_record()
+    record["data"] = options.calibration_data or "built-in corpus"
+    return scaled, record
 
 
 def _fits_protobuf(proto: onnx.ModelProto) -> bool:

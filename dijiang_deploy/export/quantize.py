@@ -314,6 +314,7 @@ def quantize_weights(
     *,
     accuracy_level: int | None = None,
     keep_float: Collection[str] = (),
+    calibration: dict | None = None,
 ) -> onnx.ModelProto:
     """Quantize the linear layers of an exported step graph to ``MatMulNBits``.
 
@@ -326,6 +327,9 @@ def quantize_weights(
             :data:`DEFAULT_ACCURACY_LEVEL` for the bit width).
         keep_float: node names (as :func:`find_linear_weights` reports them)
             to leave in floating point (mixed precision, sensitivity studies).
+        calibration: the record of the activation-aware scaling applied to
+            the weights before export (:mod:`.calibrate`), kept in the
+            quantization record; None: the weights are quantized as they are.
 
     Returns:
         The quantized model (a new proto; ``proto`` is left as it was).
@@ -358,7 +362,9 @@ def quantize_weights(
         raise ExportError(f"quantizer produced {len(made)} MatMulNBits nodes for {len(selected)} selected MatMuls")
     _assert_state_untouched(proto, out)
     layers = _num_layers(out.graph)
-    extra = {"head_bits": head_bits} if any(w.role == "head" for w in selected) else {}
+    extra: dict[str, Any] = {"head_bits": head_bits} if any(w.role == "head" for w in selected) else {}
+    if calibration is not None:
+        extra["calibration"] = calibration
     _set_metadata(out, _record("matmulnbits", bits, options, selected, skipped, layers, accuracy_level=level, **extra))
     log.info("quantized %d MatMuls to %d-bit MatMulNBits (block %d)", len(selected), bits, options.block_size)
     return out
