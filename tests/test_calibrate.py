@@ -159,3 +159,24 @@ def test_cli_errors(tiny_dirs, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
     assert main(["export", ckpt, "-o", str(tmp_path / "c"), "--weights", "int8", "--no-calibrate"]) == 0
     assert "calibration" not in json.loads((tmp_path / "c" / "manifest.json").read_text())["quantization"]
+
+
+def test_zero_points_default_only_where_ort_alone_reads_the_graph(outlier_exports):
+    from dijiang_deploy.export.graph import resolve_attention_op
+
+    model = outlier_exports["model"]
+    # int4 inline (what auto picks for fp32 activations): asymmetric blocks.
+    man = Manifest.load(outlier_exports["calibrated"])
+    assert man.flavor == "inline" and man.quantization["symmetric"] is False
+    proto = onnx.load(str(outlier_exports["calibrated"] / "model.onnx"), load_external_data=False)
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits if dict((a.name, a.i) for a in n.attribute)["bits"] == 4)
+    # TensorRT-bound flavors and int8 stay symmetric; an explicit choice wins.
+    for opts, want in (
+        (ExportOptions(weights="int4", attention_op="plugin"), True),
+        (ExportOptions(weights="int4", attention_op="linear-attention"), True),
+        (ExportOptions(weights="int8"), True),
+        (ExportOptions(weights="int4"), False),
+        (ExportOptions(weights="int4", symmetric=True), True),
+    ):
+        assert resolve_attention_op(model, opts).symmetric is want, opts

@@ -381,3 +381,19 @@ def test_training_data_grows_with_the_budget():
     assert resolved(20, steps=50) == (16384, 32)  # a step count is not a time budget
     assert resolved(20, generated=5) == (36352, 5)  # an explicit count is kept
     assert resolved(20, scale_with_budget=False) == (16384, 32)
+
+
+def test_stage1_trains_value_projection_only_when_asked():
+    from dijiang_deploy.finetune.api import _param_groups
+    from dijiang_deploy.finetune.config import FinetuneConfig
+
+    model = random_model("llama", seed=1)
+    for train_v in (False, True):
+        cfg = FinetuneConfig()
+        cfg.stage1.train_v = train_v
+        groups = _param_groups(model, None, 1, cfg)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {n for n in trained if n.endswith("q_proj.weight")}, trained
+        assert not {n for n in trained if "mlp" in n or "o_proj" in n}
+        assert bool({n for n in trained if n.endswith("v_proj.weight")}) == train_v
+        assert sum(len(g["params"]) for g in groups) == len(trained)

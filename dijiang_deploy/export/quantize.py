@@ -279,7 +279,7 @@ def _record(
         "weights": f"int{bits}",
         "bits": bits,
         "block_size": options.block_size,
-        "symmetric": bool(options.symmetric),
+        "symmetric": options.symmetric is not False,
         "quantize_head": bool(options.quantize_head),
         "quantized_matmuls": len(selected),
         "per_layer": round(sum(1 for w in selected if w.role != "head") / layers, 2),
@@ -381,7 +381,7 @@ def _run_ort_quantizer(
         model,
         bits=bits,
         block_size=options.block_size,
-        is_symmetric=options.symmetric,
+        is_symmetric=options.symmetric is not False,  # None (unresolved): symmetric
         accuracy_level=level or None,
         nodes_to_exclude=exclude,
         nodes_to_include=sorted(chosen),
@@ -587,7 +587,7 @@ def qdq_weights(proto: onnx.ModelProto, options: "ExportOptions") -> onnx.ModelP
             or a graph whose opset is below 21.
     """
     bits = _check_options(options)
-    if not options.symmetric:
+    if options.symmetric is False:
         raise ExportError("the Q/DQ (TensorRT) format is symmetric only: TensorRT requires zero zero-points")
     if bits == 4:
         return matmulnbits_to_qdq(quantize_weights(proto, options))

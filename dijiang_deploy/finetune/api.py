@@ -171,6 +171,8 @@ def _param_groups(
                 continue
             if stage == 1 and s1.train_qk and proj in ("q_proj", "k_proj", "query_key_value"):
                 base.append(p)
+            elif stage == 1 and s1.train_v and proj == "v_proj":
+                base.append(p)
             elif stage == 2 and s2.train in ("attention", "all"):
                 base.append(p)
     if stage == 2 and s2.train == "dijiang":

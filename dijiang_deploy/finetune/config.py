@@ -74,6 +74,8 @@ class Stage1Config:
         lr: learning rate of the new DiJiang parameters (P, W_G, GroupNorm).
         lr_base: learning rate of pretrained projections trained here.
         train_qk: also train the query/key projections (GPT-NeoX: the fused qkv).
+        train_v: also train the value projection (LLaMA ``v_proj``; GPT-NeoX's
+            fused qkv already follows ``train_qk``).
         train_decay: train one decay rate per head (tables stay geometric).
         lr_decay: learning rate of the decay parameters ``log(1 - gamma)``.
         refit_output: before the first and after the last stage-1 step,
@@ -91,6 +93,7 @@ class Stage1Config:
     lr: float = 2e-3
     lr_base: float = 3e-4
     train_qk: bool = True
+    train_v: bool = False
     train_decay: bool = True
     lr_decay: float = 2e-2
     refit_output: bool = True
