@@ -180,3 +180,30 @@ def test_zero_points_default_only_where_ort_alone_reads_the_graph(outlier_export
         (ExportOptions(weights="int4", symmetric=True), True),
     ):
         assert resolve_attention_op(model, opts).symmetric is want, opts
+
+
+def test_quantize_export_equals_uncalibrated_export(tmp_path):
+    """Quantizing a float export folder gives export_model's graph without calibration."""
+    from dijiang_deploy.errors import ExportError
+
+    model = random_model("llama", seed=4)
+    export_model(model, tmp_path / "fp32", ExportOptions(logits="all"))
+    record = Q.quantize_export(tmp_path / "fp32", tmp_path / "q", ExportOptions(weights="int4"))
+    export_model(model, tmp_path / "direct", ExportOptions(weights="int4", logits="all", calibrate=False))
+    man, direct = Manifest.load(tmp_path / "q"), Manifest.load(tmp_path / "direct")
+    assert man.weights == "int4" and man.flavor == "inline"
+    assert record["symmetric"] is False and man.quantization["symmetric"] is False  # the inline rule
+    assert "calibration" not in man.quantization
+    assert man.quantization["quantized_matmuls"] == direct.quantization["quantized_matmuls"]
+    got = Q.dequantized_weights(onnx.load(str(tmp_path / "q" / "model.onnx")))
+    want = Q.dequantized_weights(onnx.load(str(tmp_path / "direct" / "model.onnx")))
+    assert sorted(map(np.shape, got.values())) == sorted(map(np.shape, want.values()))
+    for a, b in zip(sorted(got.values(), key=lambda w: (w.shape, float(w.sum()))), sorted(want.values(), key=lambda w: (w.shape, float(w.sum())))):
+        np.testing.assert_array_equal(a, b)
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(1, 20))
+    np.testing.assert_allclose(
+        Generator.from_pretrained(tmp_path / "q").score(ids), Generator.from_pretrained(tmp_path / "direct").score(ids), atol=1e-5
+    )
+    with pytest.raises(ExportError, match="float32 export"):
+        Q.quantize_export(tmp_path / "q", tmp_path / "qq", ExportOptions(weights="int8"))
+    assert not (tmp_path / "qq").exists()

@@ -713,24 +713,32 @@ def quantize_export(
 ) -> dict[str, Any]:
     """Quantize an existing float32 export folder into ``dst`` without re-tracing.
 
-    Gives the same graph as ``export_model(..., weights=int4|int8)`` (which
-    runs :func:`quantize_weights` on the same flavored graph); the manifest is
-    copied with ``weights`` and ``decode_ops_per_layer`` updated.
+    Gives the same graph as ``export_model(..., weights=int4|int8,
+    calibrate=False)``: there is no PyTorch model here to calibrate with, so
+    the weights are rounded as they are (export from the checkpoint for the
+    calibrated, more accurate graph). ``symmetric=None`` follows the same
+    per-flavor rule as ``export_model``. The manifest is copied with
+    ``weights``, ``quantization`` and ``decode_ops_per_layer`` updated.
     Returns the quantization record.
     """
+    import dataclasses
     import shutil
     from dataclasses import asdict
 
     from ..atomic import atomic_dir
+    from .graph import auto_symmetric
     from .manifest import MANIFEST_NAME, Manifest, decode_op_counts
 
     src, dst = Path(src), Path(dst)
     manifest = Manifest.load(src)
     if manifest.weights != "fp32" or manifest.dtype != "fp32":
         raise ExportError(f"{src}: quantize_export needs a float32 export, this one has weights {manifest.weights}")
+    if options.symmetric is None:
+        options = dataclasses.replace(options, symmetric=auto_symmetric(options.weight_format, manifest.flavor))
     model = onnx.load(str(src / manifest.model_file))
     quant = quantize_weights(model, options)
     manifest.weights = options.weight_format
+    manifest.quantization = {k: v for k, v in (quantization_info(quant) or {}).items() if k != "quantized_nodes"}
     manifest.decode_ops_per_layer = decode_op_counts(quant, manifest.num_layers)
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         onnx.save_model(quant, str(tmp / manifest.model_file))
