@@ -50,7 +50,7 @@ def _export(args: argparse.Namespace) -> int:
         quantize_head=not args.float_head,
         calibrate=not args.no_calibrate,
         calibration_data=args.calibration_data,
-        calibration_tokens=args.calibration_tokens or ExportOptions.calibration_tokens,
+        calibration_tokens=ExportOptions.calibration_tokens if args.calibration_tokens is None else args.calibration_tokens,
     )
     man = export_checkpoint(args.model_dir, args.output, opts, overwrite=args.overwrite)
     ops = sum(man.decode_ops_per_layer.values())

@@ -151,12 +151,16 @@ def test_user_calibration_text(tmp_path):
 
 def test_cli_errors(tiny_dirs, tmp_path, capsys):
     ckpt = str(tiny_dirs["llama"])
-    assert main(["export", ckpt, "-o", str(tmp_path / "a"), "--calibration-tokens", "64"]) != 0
+    assert main(["export", ckpt, "-o", str(tmp_path / "a"), "--calibration-tokens", "64"]) == 2
     assert "int8/int4 exports only" in capsys.readouterr().err
     missing = str(tmp_path / "nope.txt")
-    assert main(["export", ckpt, "-o", str(tmp_path / "b"), "--weights", "int8", "--calibration-data", missing]) != 0
+    assert main(["export", ckpt, "-o", str(tmp_path / "b"), "--weights", "int8", "--calibration-data", missing]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    # 0 is a bad value, not "use the default"
+    assert main(["export", ckpt, "-o", str(tmp_path / "z"), "--weights", "int8", "--calibration-tokens", "0"]) == 2
+    assert "--calibration-tokens must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
     assert main(["export", ckpt, "-o", str(tmp_path / "c"), "--weights", "int8", "--no-calibrate"]) == 0
     assert "calibration" not in json.loads((tmp_path / "c" / "manifest.json").read_text())["quantization"]
 
@@ -170,7 +174,8 @@ def test_zero_points_default_only_where_ort_alone_reads_the_graph(outlier_export
     assert man.flavor == "inline" and man.quantization["symmetric"] is False
     proto = onnx.load(str(outlier_exports["calibrated"] / "model.onnx"), load_external_data=False)
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits if dict((a.name, a.i) for a in n.attribute)["bits"] == 4)
+    four = [n for n in nbits if {a.name: a.i for a in n.attribute}["bits"] == 4]
+    assert four and all(len(n.input) >= 4 and n.input[3] for n in four)  # every 4-bit node has zero points
     # TensorRT-bound flavors and int8 stay symmetric; an explicit choice wins.
     for opts, want in (
         (ExportOptions(weights="int4", attention_op="plugin"), True),
