@@ -97,7 +97,7 @@ def ort_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) 
     """
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    from .quantize import _unpack_nbits
+    from .quantize import _unpack_nbits, dequantize_nbits
 
     if bits not in (4, 8):
         raise DiJiangError(f"bits must be 4 or 8, got {bits}")
@@ -112,13 +112,8 @@ def ort_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) 
     zero_points = np.zeros((n, -(-kb // per_byte)), np.uint8)
     fn = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
     fn(packed, w, scales, zero_points, block_size, n, kb * block_size, symmetric)
-    codes = _unpack_nbits(packed, bits, block_size).reshape(n, kb * block_size).astype(np.float32)
-    if symmetric:
-        zp = np.full((n, kb), 1 << (bits - 1), np.float32)
-    else:
-        zp = _unpack_nbits(zero_points, bits, kb).astype(np.float32) if bits == 4 else zero_points[:, :kb].astype(np.float32)
-    deq = (codes - np.repeat(zp, block_size, axis=1)) * np.repeat(scales, block_size, axis=1)
-    return deq[:, :k].T
+    codes = _unpack_nbits(packed, bits, block_size).reshape(n, kb * block_size)[:, :k]
+    return dequantize_nbits(codes, scales, None if symmetric else zero_points, bits, block_size)
 
 
 @dataclass

@@ -461,6 +461,25 @@ def _nbits_codes(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tu
     return codes, scales
 
 
+def dequantize_nbits(
+    codes: np.ndarray, scales: np.ndarray, packed_zero_points: np.ndarray | None, bits: int, block_size: int
+) -> np.ndarray:
+    """``W [K, N]`` float32 from ``MatMulNBits`` data: unsigned ``codes [N, K]``,
+    ``scales [N, K_blocks]`` and packed ``zero_points [N, bytes]`` (None:
+    symmetric, the midpoint ``2^(bits-1)``)."""
+    n, k = codes.shape
+    k_blocks = scales.shape[1]
+    if packed_zero_points is None:
+        zp = np.full((n, k_blocks), 1 << (bits - 1), np.uint8)
+    elif bits == 4:
+        zp = _unpack_nbits(packed_zero_points, bits, k_blocks)
+    else:
+        zp = packed_zero_points[:, :k_blocks]
+    zp_full = np.repeat(zp.astype(np.float32), block_size, axis=1)[:, :k]
+    sc_full = np.repeat(scales.astype(np.float32), block_size, axis=1)[:, :k]
+    return ((codes.astype(np.float32) - zp_full) * sc_full).T.copy()
+
+
 def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """``{node name: W [K, N] float32}``: what each quantized MatMul multiplies by.
 
@@ -474,17 +493,10 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     dq_out: dict[str, np.ndarray] = {}
     for node in graph.node:
         if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
-            k, n, bits, bs = (int(_attr(node, a)) for a in ("K", "N", "bits", "block_size"))
+            n, bits, bs = (int(_attr(node, a)) for a in ("N", "bits", "block_size"))
             codes, scales = _nbits_codes(node, inits)
-            k_blocks = scales.shape[1]
-            if len(node.input) > 3 and node.input[3]:
-                zp = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1)
-                zp = _unpack_nbits(zp, bits, k_blocks) if bits == 4 else zp[:, :k_blocks]
-            else:
-                zp = np.full((n, k_blocks), 1 << (bits - 1), np.uint8)
-            zp_full = np.repeat(zp.astype(np.float32), bs, axis=1)[:, :k]
-            sc_full = np.repeat(scales.astype(np.float32), bs, axis=1)[:, :k]
-            out[node.name] = ((codes.astype(np.float32) - zp_full) * sc_full).T.copy()
+            packed_zp = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1) if len(node.input) > 3 and node.input[3] else None
+            out[node.name] = dequantize_nbits(codes, scales, packed_zp, bits, bs)
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
             q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
             s = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
