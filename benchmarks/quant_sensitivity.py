@@ -84,6 +84,8 @@ def main() -> None:
         ref = student_logits(student)
         cal = calibration_ids(args.checkpoint, student.config.vocab_size)
         scaled, _ = calibrate_for_quantization(student, cal, 4, BLOCK, symmetric=False, progress=False)
+        drift = float((student_logits(scaled) - ref).abs().max())
+        print(f"calibrated float model vs original: max |logit difference| {drift:.2e} (logits up to {float(ref.abs().max()):.1f})")
         for label, bits_of in (
             ("all 4-bit", {}),
             ("attention input at 8", {"attn_in": 8}),
