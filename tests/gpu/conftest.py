@@ -8,8 +8,6 @@ built into a temporary directory for the local GPU's architecture only.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,23 +52,7 @@ def _build_for_local_gpu(torch, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def kernels(torch_cuda, tmp_path_factory):
-    if os.environ.get("DIJIANG_KERNELS_LIB"):
-        path = Path(os.environ["DIJIANG_KERNELS_LIB"])
-    elif os.environ.get("DIJIANG_PLUGIN_BUILD"):
-        path = Path(os.environ["DIJIANG_PLUGIN_BUILD"]) / "main" / "libdijiang_kernels.so"
-    else:
-        path = _build_for_local_gpu(torch_cuda, tmp_path_factory.mktemp("kernels"))
-    lib = ctypes.CDLL(str(path))
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-    common = [i32, i32]  # dtype, rule
-    lib.dijiang_linear_attention_workspace_size.restype = ctypes.c_size_t
-    lib.dijiang_linear_attention_workspace_size.argtypes = [i64] * 5 + [i32]
-    lib.dijiang_linear_attention_decode.restype = i32
-    lib.dijiang_linear_attention_decode.argtypes = common + [i64] * 4 + [ctypes.c_float] + [ptr] * 7 + [ptr]
-    for name in ("dijiang_linear_attention_prefill", "dijiang_linear_attention_forward"):
-        fn = getattr(lib, name)
-        fn.restype = i32
-        fn.argtypes = common + [i64] * 5 + [ctypes.c_float, i32] + [ptr] * 7 + [ptr, ctypes.c_size_t, ptr]
-    lib.dijiang_status_string.restype = ctypes.c_char_p
-    lib.dijiang_status_string.argtypes = [i32]
-    return lib
+    from dijiang_deploy.kernels import Kernels, find_library
+
+    path = find_library() or _build_for_local_gpu(torch_cuda, tmp_path_factory.mktemp("kernels"))
+    return Kernels.load(path)
