@@ -10,8 +10,7 @@ $DIJIANG_KERNELS_LIB). Everything is measured side by side in one run:
   calls so launch latency is amortised the way the TensorRT runtime's graphs
   amortise it. Reported as time per call and as the fraction of the copy
   bandwidth it reaches (bytes = state in + state out + q/k/v/out/decay).
-* prefill: ``dijiang_linear_attention_prefill`` (tensor-core kernels, and the FMA
-  kernels for reference) against flash-linear-attention's
+* prefill: ``dijiang_linear_attention_prefill`` against flash-linear-attention's
   ``chunk_simple_gla`` (fla-core, Triton) on the same fp16 inputs: phi(q),
   phi(k), v, per-token log decay, scale 1, a non-zero fp32 initial state and the
   final state returned. The two outputs are compared first (cosine and max abs
@@ -120,11 +119,6 @@ def bench_prefill(torch: Any, kernels: Kernels, fla_chunk: Callable | None, batc
         kernels.prefill(*flat, h0, g16, out, present, ws, heads=heads, chunk=chunk)
 
     row = {"batch": batch, "seq_len": seq, "heads": heads, "head_dim": d, "chunk": kernels.chunk_size(d, d, chunk)}
-    previous = kernels.set_tensor_cores(False)
-    try:
-        row["dijiang_fma_ms"] = _time(torch, ours, iters, warmup)
-    finally:
-        kernels.set_tensor_cores(previous)
     ms = _time(torch, ours, iters, warmup)
     row.update(dijiang_ms=ms, dijiang_tokens_per_s=batch * seq / (ms * 1e-3))
     if fla_chunk is not None:
@@ -152,20 +146,15 @@ def breakdown(torch: Any, kernels: Kernels, batch: int, seq: int, heads: int, d:
     h0 = 0.1 * torch.randn(batch, heads, d, d, device="cuda")
     out, present = torch.empty_like(v), torch.empty_like(h0)
     ws = torch.empty(kernels.workspace_size(batch, seq, heads, d, d, chunk), dtype=torch.uint8, device="cuda")
-    for tensor_cores in (True, False):
-        previous = kernels.set_tensor_cores(tensor_cores)
-        try:
-            for _ in range(3):
-                kernels.prefill(q, k, v, h0, g, out, present, ws, heads=heads, chunk=chunk)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    kernels.prefill(q, k, v, h0, g, out, present, ws, heads=heads, chunk=chunk)
-                torch.cuda.synchronize()
-        finally:
-            kernels.set_tensor_cores(previous)
-        print(f"== B={batch} L={seq} H={heads} d={d}, tensor cores {'on' if tensor_cores else 'off'} (10 calls)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+    for _ in range(3):
+        kernels.prefill(q, k, v, h0, g, out, present, ws, heads=heads, chunk=chunk)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            kernels.prefill(q, k, v, h0, g, out, present, ws, heads=heads, chunk=chunk)
+        torch.cuda.synchronize()
+    print(f"== B={batch} L={seq} H={heads} d={d} (10 calls)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
     return 0
 
 
@@ -179,8 +168,7 @@ def main() -> int:
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--breakdown", metavar="B,L,H,D",
-                        help="only print per-kernel GPU times (torch.profiler) of fp16 prefill at this size, "
-                             "tensor-core and FMA kernels")
+                        help="only print per-kernel GPU times (torch.profiler) of fp16 prefill at this size")
     args = parser.parse_args()
 
     import torch
@@ -221,7 +209,7 @@ def main() -> int:
                                 args.warmup)
             result["prefill"].append(row)
             line = (f"prefill B={batch} L={seq:5d} H={heads:2d} d={d:3d} C={row['chunk']}: "
-                    f"dijiang {row['dijiang_ms']:.3f} ms (FMA kernels {row['dijiang_fma_ms']:.3f})")
+                    f"dijiang {row['dijiang_ms']:.3f} ms")
             if "fla_ms" in row:
                 line += (f", fla {row['fla_ms']:.3f} ms, dijiang/fla speed {row['speedup_vs_fla']:.2f}x "
                          f"(cos {row['output_cosine']:.6f}, max abs {row['output_max_abs']:.2e}, "
@@ -240,13 +228,13 @@ def to_markdown(result: dict) -> str:
     for r in result["decode"]:
         lines.append(f"| {r['batch']} | {r['heads']} | {r['head_dim']} | {r['dtype']} | {r['us_per_step']:.2f} "
                      f"| {r['gb_per_s']:.0f} | {100 * r['fraction_of_copy']:.0f}% |")
-    lines += ["", "| prefill B | L | H | d | chunk | dijiang ms | FMA kernels ms | fla ms | dijiang/fla speed | "
-              "out cosine | out max abs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| prefill B | L | H | d | chunk | dijiang ms | fla ms | dijiang/fla speed | "
+              "out cosine | out max abs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["prefill"]:
         fla = (f"{r['fla_ms']:.3f} | {r['speedup_vs_fla']:.2f}x | {r['output_cosine']:.6f} | "
                f"{r['output_max_abs']:.1e}") if "fla_ms" in r else "- | - | - | -"
         lines.append(f"| {r['batch']} | {r['seq_len']} | {r['heads']} | {r['head_dim']} | {r['chunk']} | "
-                     f"{r['dijiang_ms']:.3f} | {r['dijiang_fma_ms']:.3f} | {fla} |")
+                     f"{r['dijiang_ms']:.3f} | {fla} |")
     return "\n".join(lines) + "\n"
 
 

@@ -64,8 +64,6 @@ class Kernels:
             fn = getattr(lib, name)
             fn.restype = i32
             fn.argtypes = [i32, i32] + [i64] * 5 + [ctypes.c_float, i32] + [ptr] * 8 + [ctypes.c_size_t, ptr]
-        lib.dijiang_linear_attention_set_tensor_cores.restype = i32
-        lib.dijiang_linear_attention_set_tensor_cores.argtypes = [i32]
         lib.dijiang_status_string.restype = ctypes.c_char_p
         lib.dijiang_status_string.argtypes = [i32]
         return cls(lib)
@@ -77,10 +75,6 @@ class Kernels:
     def chunk_size(self, dk: int, dv: int, chunk: int = 64) -> int:
         """Chunk length the prefill kernels use for this head size and hint."""
         return int(self.lib.dijiang_linear_attention_chunk_size(dk, dv, chunk))
-
-    def set_tensor_cores(self, enabled: bool) -> bool:
-        """Allow (default) or forbid the tensor-core prefill kernels process-wide; returns the previous setting."""
-        return bool(self.lib.dijiang_linear_attention_set_tensor_cores(int(enabled)))
 
     def _check(self, status: int, what: str) -> None:
         if status != 0:

@@ -84,13 +84,21 @@ def test_plugin_loads_without_tensorrt(build_dir: Path, variant: str) -> None:
 
 
 def test_kernel_library_queries(build_dir: Path) -> None:
-    lib = ctypes.CDLL(str(build_dir / "main" / "libdijiang_kernels.so"))
-    lib.dijiang_linear_attention_workspace_size.restype = ctypes.c_size_t
-    lib.dijiang_linear_attention_workspace_size.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int32]
-    lib.dijiang_linear_attention_chunk_size.restype = ctypes.c_int32
-    lib.dijiang_linear_attention_chunk_size.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
-    assert lib.dijiang_linear_attention_chunk_size(64, 64, 64) == 64
+    """The package's ctypes binding (dijiang_deploy.kernels) against the built library; no device needed."""
+    from dijiang_deploy.kernels import Kernels
+
+    kernels = Kernels.load(build_dir / "main" / "libdijiang_kernels.so")
+    assert kernels.chunk_size(64, 64) == 64
+    assert kernels.chunk_size(128, 128) == 32
     chunks = -(-513 // 64)
     states = 3 * 9 * chunks * 64 * 64 * 4
-    size = lib.dijiang_linear_attention_workspace_size(3, 513, 9, 64, 64, 64)
+    size = kernels.workspace_size(3, 513, 9, 64, 64, 64)
     assert states <= size < states + 4096
+
+
+def test_kernel_binding_errors(tmp_path: Path) -> None:
+    from dijiang_deploy.errors import DiJiangError
+    from dijiang_deploy.kernels import Kernels
+
+    with pytest.raises(DiJiangError, match="no such kernel library"):
+        Kernels.load(tmp_path / "libdijiang_kernels.so")

@@ -242,13 +242,7 @@ void testChunkSelection()
         CHECK(c > 0);
         CHECK(prefillOutputSharedBytes(c, dk) <= kPortableSharedMemoryBudget);
         CHECK(prefillStateSharedBytes(c, dk) <= kPortableSharedMemoryBudget);
-        CHECK(tensorCorePrefillEligible(dk, 64));
-        CHECK(prefillOutputSharedBytesTensorCore(c, dk) <= kPortableSharedMemoryBudget);
-        CHECK(prefillStateSharedBytesTensorCore(c, dk) <= kPortableSharedMemoryBudget);
     }
-    CHECK(!tensorCorePrefillEligible(40, 64));
-    CHECK(!tensorCorePrefillEligible(64, 24));
-    CHECK(!tensorCorePrefillEligible(0, 64));
 }
 
 void testWorkspace()

@@ -104,16 +104,6 @@ DIJIANG_API dijiang_status_t dijiang_linear_attention_forward(dijiang_dtype_t dt
     void const* decay, void* output, float* present_state, void* workspace, size_t workspace_size,
     cudaStream_t stream);
 
-/*
- * Enables (non-zero, the default) or disables the tensor-core prefill kernels for the
- * whole process and returns the previous setting. With them, sm_80+ GPUs run the chunk
- * products as split TF32 MMAs (fp32-level accuracy) when both head sizes are multiples
- * of 16; otherwise, and when disabled, the FMA kernels run. Results agree to fp32
- * rounding and the workspace size is the same. Meant for tests and benchmarks; not
- * synchronised with launches already queued.
- */
-DIJIANG_API int32_t dijiang_linear_attention_set_tensor_cores(int32_t enabled);
-
 /* Static, human-readable name of a status code. */
 DIJIANG_API char const* dijiang_status_string(dijiang_status_t status);
 

@@ -375,27 +375,6 @@ size_t prefillOutputSharedBytes(int32_t chunk, int64_t headDimK) noexcept
             + c);
 }
 
-bool tensorCorePrefillEligible(int64_t headDimK, int64_t headDimV) noexcept
-{
-    return headDimK > 0 && headDimV > 0 && headDimK % 16 == 0 && headDimV % 16 == 0;
-}
-
-size_t prefillStateSharedBytesTensorCore(int32_t chunk, int64_t headDimK) noexcept
-{
-    auto const c = static_cast<size_t>(chunk);
-    auto const dk = static_cast<size_t>(headDimK);
-    return sizeof(float) * (c * (dk + kTensorCorePad) + c * (kPrefillTileV + kTensorCorePad) + c);
-}
-
-size_t prefillOutputSharedBytesTensorCore(int32_t chunk, int64_t headDimK) noexcept
-{
-    auto const c = static_cast<size_t>(chunk);
-    auto const dk = static_cast<size_t>(headDimK);
-    // Q, K (c x dk), V and output tiles (c x 64), scores (c x c), decays (c).
-    return sizeof(float)
-        * (2 * c * (dk + kTensorCorePad) + 2 * c * (kPrefillTileV + kTensorCorePad) + c * (c + kTensorCorePad) + c);
-}
-
 int32_t selectChunkSize(int64_t headDimK, int64_t headDimV, int32_t hint) noexcept
 {
     if (headDimK <= 0 || headDimV <= 0 || headDimK > (int64_t{1} << 20))
@@ -405,10 +384,7 @@ int32_t selectChunkSize(int64_t headDimK, int64_t headDimV, int32_t hint) noexce
     for (int32_t const c : kSupportedChunkSizes)
     {
         bool const withinHint = c <= hint || c == kSupportedChunkSizes[sizeof(kSupportedChunkSizes) / sizeof(int32_t) - 1];
-        bool const tensorCoreFits = !tensorCorePrefillEligible(headDimK, headDimV)
-            || (prefillOutputSharedBytesTensorCore(c, headDimK) <= kPortableSharedMemoryBudget
-                && prefillStateSharedBytesTensorCore(c, headDimK) <= kPortableSharedMemoryBudget);
-        if (withinHint && tensorCoreFits && prefillOutputSharedBytes(c, headDimK) <= kPortableSharedMemoryBudget
+        if (withinHint && prefillOutputSharedBytes(c, headDimK) <= kPortableSharedMemoryBudget
             && prefillStateSharedBytes(c, headDimK) <= kPortableSharedMemoryBudget)
         {
             return c;

@@ -99,14 +99,7 @@ bool checkShapes(Attributes const& attrs, Shape const* inputs, int32_t nbInputs,
 //! Derives the problem size from fully known input shapes (after checkShapes rules).
 bool deriveProblem(Attributes const& attrs, Shape const* inputs, int32_t nbInputs, Problem& problem, std::string& error);
 
-//! Row padding (in floats) of the tensor-core kernels' shared-memory tiles: WMMA needs
-//! row strides that are multiples of 4 floats, and the extra 4 spread a fragment's rows
-//! over distinct banks.
-constexpr int32_t kTensorCorePad = 4;
-
-//! Chunk length used by the prefill kernels, or 0 when no supported length fits. The
-//! length fits the FMA kernels and, for eligible head sizes, the tensor-core kernels, so
-//! it (and the workspace size) does not depend on which of them a device runs.
+//! Chunk length used by the prefill kernels, or 0 when no supported length fits.
 int32_t selectChunkSize(int64_t headDimK, int64_t headDimV, int32_t hint) noexcept;
 
 //! Dynamic shared memory of the prefill state kernel (per chunk K, V and decay weights).
@@ -114,16 +107,6 @@ size_t prefillStateSharedBytes(int32_t chunk, int64_t headDimK) noexcept;
 
 //! Dynamic shared memory of the prefill output kernel (Q, K, V, masked scores, staged state rows).
 size_t prefillOutputSharedBytes(int32_t chunk, int64_t headDimK) noexcept;
-
-//! Head sizes the tensor-core (TF32 MMA, sm_80+) prefill kernels take: both multiples of 16.
-//! Other sizes, and older GPUs, use the FMA kernels above.
-bool tensorCorePrefillEligible(int64_t headDimK, int64_t headDimV) noexcept;
-
-//! Dynamic shared memory of the tensor-core prefill state kernel (decayed K, V tile, decays).
-size_t prefillStateSharedBytesTensorCore(int32_t chunk, int64_t headDimK) noexcept;
-
-//! Dynamic shared memory of the tensor-core prefill output kernel (Q, K, V tile, scores, output tile).
-size_t prefillOutputSharedBytesTensorCore(int32_t chunk, int64_t headDimK) noexcept;
 
 //! Layout of the prefill workspace: per (batch, head, chunk) a dk x dv float32 state,
 //! then per (batch, head, chunk) one float32 log decay of the whole chunk.

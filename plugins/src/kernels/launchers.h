@@ -28,7 +28,6 @@ struct LaunchArgs
     void const* decay; //!< nullptr for the linear rule
     void* output;
     float* presentState;
-    bool tensorCores{true}; //!< prefill may use the tensor-core kernels (sm_80+, eligible head sizes)
 };
 
 //! seqLen must be 1.
@@ -37,14 +36,6 @@ dijiang_status_t launchDecode(LaunchArgs const& args, cudaStream_t stream);
 //! chunk must be one of kSupportedChunkSizes; workspace laid out as prefillWorkspaceLayout().
 dijiang_status_t launchPrefill(LaunchArgs const& args, int32_t chunk, int64_t numChunks, float* stateWorkspace,
     float* chunkDecayWorkspace, cudaStream_t stream);
-
-//! Tensor-core chunk-state and chunk-output stages (prefillTensorCoreKernels.cu), drop-in for
-//! the FMA ones. UNSUPPORTED when the head sizes are not tensorCorePrefillEligible() or the
-//! device's opt-in shared memory (smemLimit) is too small.
-dijiang_status_t launchChunkStatesTensorCore(LaunchArgs const& args, int32_t chunk, int64_t numChunks,
-    float* chunkStates, float* chunkDecay, int32_t smemLimit, cudaStream_t stream);
-dijiang_status_t launchChunkOutputTensorCore(LaunchArgs const& args, int32_t chunk, int64_t numChunks,
-    float* chunkStates, int32_t smemLimit, cudaStream_t stream);
 
 } // namespace kernels
 } // namespace dijiang

@@ -5,7 +5,6 @@
 #include "launchers.h"
 #include "linearAttentionConfig.h"
 
-#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -18,9 +17,6 @@ constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 //! q and k of one head are staged as fp32 in (static-limit) shared memory by the decode kernel.
 constexpr int64_t kMaxDecodeHeadDimK = 4096;
-
-//! Process-wide switch for the tensor-core prefill kernels (dijiang_linear_attention_set_tensor_cores).
-std::atomic<int32_t> gTensorCores{1};
 
 bool validDtype(dijiang_dtype_t dtype)
 {
@@ -67,7 +63,7 @@ dijiang_status_t makeArgs(dijiang_dtype_t dtype, dijiang_update_rule_t rule, int
         dijiang::effectiveScale(dijiang::Attributes{static_cast<int32_t>(numHeads), scale,
                                     gated ? dijiang::UpdateRule::kGATED : dijiang::UpdateRule::kLINEAR, 0},
             headDimK),
-        query, key, value, pastState, gated ? decay : nullptr, output, presentState, gTensorCores.load() != 0};
+        query, key, value, pastState, gated ? decay : nullptr, output, presentState};
     return DIJIANG_STATUS_SUCCESS;
 }
 
@@ -132,11 +128,6 @@ dijiang_status_t prefill(
 } // namespace
 
 extern "C" {
-
-DIJIANG_API int32_t dijiang_linear_attention_set_tensor_cores(int32_t enabled)
-{
-    return gTensorCores.exchange(enabled != 0 ? 1 : 0);
-}
 
 DIJIANG_API size_t dijiang_linear_attention_workspace_size(int64_t batch, int64_t seq_len, int64_t num_heads,
     int64_t head_dim_k, int64_t head_dim_v, int32_t chunk_size_hint)

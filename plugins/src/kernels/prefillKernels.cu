@@ -14,8 +14,6 @@
  *   2. stateScanKernel    S_in(c) for every chunk (sequential over chunks, one thread per
  *                         state element) and the final state
  *   3. chunkOutputKernel  intra-chunk causal product plus the inter-chunk term from S_in(c)
- * Stages 1 and 3 have tensor-core versions (prefillTensorCoreKernels.cu) that sm_80+ GPUs
- * run for head sizes that are multiples of 16; the FMA versions here cover the rest.
  * The workspace holds one dk x dv state per chunk: D_c is replaced by S_in(c) in place.
  * past_state is read only by the scan, which also writes present_state element by
  * element, so the two may alias.
@@ -24,8 +22,9 @@
  * a thread owns rows ty + 16a and columns tx + 16b of a tile, which keeps a half-warp's
  * shared-memory reads either broadcast (same row) or on consecutive banks.
  */
+#include "kernelCommon.cuh"
 #include "launchers.h"
-#include "prefillCommon.cuh"
+#include "linearAttentionConfig.h"
 
 #include <algorithm>
 
@@ -36,13 +35,60 @@ namespace kernels
 namespace
 {
 
+constexpr int32_t kThreads = 256;
 constexpr int32_t kGrid = 16;
+constexpr int32_t kTileV = kPrefillTileV;
 constexpr int32_t kColsPerThread = kTileV / kGrid;
 constexpr int32_t kStageRows = kPrefillStageRows;
 constexpr int32_t kScanThreads = 256;
 
 static_assert(kThreads == kGrid * kGrid, "16 x 16 thread grid");
 static_assert(kTileV % kGrid == 0 && kStageRows % kGrid == 0, "tiles are multiples of the thread grid");
+
+struct ChunkCoords
+{
+    int64_t bh;
+    int64_t b;
+    int64_t h;
+    int64_t chunkIndex;
+    int64_t firstToken;
+    int32_t len; //!< valid tokens in this chunk (the last chunk may be partial)
+    int32_t col0;
+};
+
+template <int32_t C>
+__device__ __forceinline__ ChunkCoords chunkCoords(int64_t seqLen, int64_t numHeads, int64_t numChunks)
+{
+    ChunkCoords cc;
+    cc.bh = blockIdx.x / numChunks;
+    cc.chunkIndex = blockIdx.x % numChunks;
+    cc.b = cc.bh / numHeads;
+    cc.h = cc.bh % numHeads;
+    cc.firstToken = cc.chunkIndex * C;
+    int64_t const remaining = seqLen - cc.firstToken;
+    cc.len = static_cast<int32_t>(remaining < C ? remaining : C);
+    cc.col0 = blockIdx.y * kTileV;
+    return cc;
+}
+
+//! Loads the chunk's value columns [col0, col0 + kTileV) into V (C x kTileV), zero-padded.
+template <int32_t C, typename T>
+__device__ __forceinline__ void loadValueTile(T const* __restrict__ value, ChunkCoords const& cc, int64_t seqLen,
+    int64_t numHeads, int32_t headDimV, float* V)
+{
+    for (int32_t e = threadIdx.x; e < C * kTileV; e += kThreads)
+    {
+        int32_t const r = e / kTileV;
+        int32_t const j = cc.col0 + e % kTileV;
+        float v = 0.F;
+        if (r < cc.len && j < headDimV)
+        {
+            int64_t const row = (cc.b * seqLen + cc.firstToken + r) * numHeads + cc.h;
+            v = toFloat(value[row * headDimV + j]);
+        }
+        V[e] = v;
+    }
+}
 
 template <int32_t C, typename T>
 __global__ void __launch_bounds__(kThreads) chunkStateKernel(T const* __restrict__ key, T const* __restrict__ value,
@@ -324,66 +370,65 @@ __global__ void __launch_bounds__(kThreads) chunkOutputKernel(T const* __restric
     }
 }
 
+//! Kernels above 48 KiB of dynamic shared memory must opt in, and the device must allow it.
+template <typename Kernel>
+dijiang_status_t prepareSharedMemory(Kernel kernel, size_t bytes, int32_t deviceLimit)
+{
+    if (bytes > static_cast<size_t>(deviceLimit))
+    {
+        return DIJIANG_STATUS_UNSUPPORTED;
+    }
+    if (bytes > 48 * 1024
+        && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes))
+            != cudaSuccess)
+    {
+        return DIJIANG_STATUS_CUDA_ERROR;
+    }
+    return DIJIANG_STATUS_SUCCESS;
+}
+
 template <int32_t C, typename T>
 dijiang_status_t launchPrefillTyped(LaunchArgs const& args, int64_t numChunks, float* chunkStates, float* chunkDecay,
     cudaStream_t stream)
 {
     int32_t device = 0;
     int32_t smemLimit = 0;
-    int32_t major = 0;
     if (cudaGetDevice(&device) != cudaSuccess
-        || cudaDeviceGetAttribute(&smemLimit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess
-        || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+        || cudaDeviceGetAttribute(&smemLimit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     {
         return DIJIANG_STATUS_CUDA_ERROR;
     }
-    bool const tensorCores
-        = args.tensorCores && major >= 8 && tensorCorePrefillEligible(args.headDimK, args.headDimV);
+    size_t const stateSmem = prefillStateSharedBytes(C, args.headDimK);
+    size_t const outputSmem = prefillOutputSharedBytes(C, args.headDimK);
+    dijiang_status_t status = prepareSharedMemory(chunkStateKernel<C, T>, stateSmem, smemLimit);
+    if (status == DIJIANG_STATUS_SUCCESS)
+    {
+        status = prepareSharedMemory(chunkOutputKernel<C, T>, outputSmem, smemLimit);
+    }
+    if (status != DIJIANG_STATUS_SUCCESS)
+    {
+        return status;
+    }
+
     int64_t const heads = args.batch * args.numHeads;
     int32_t const dk = static_cast<int32_t>(args.headDimK);
     int32_t const dv = static_cast<int32_t>(args.headDimV);
     T const* const decay = static_cast<T const*>(args.gated ? args.decay : nullptr);
     dim3 const chunkGrid(static_cast<uint32_t>(heads * numChunks), static_cast<uint32_t>((dv + kTileV - 1) / kTileV));
 
-    dijiang_status_t status = DIJIANG_STATUS_SUCCESS;
-    if (tensorCores)
-    {
-        status = launchChunkStatesTensorCore(args, C, numChunks, chunkStates, chunkDecay, smemLimit, stream);
-    }
-    else
-    {
-        size_t const smem = prefillStateSharedBytes(C, args.headDimK);
-        status = prepareSharedMemory(chunkStateKernel<C, T>, smem, smemLimit);
-        if (status == DIJIANG_STATUS_SUCCESS)
-        {
-            chunkStateKernel<C, T><<<chunkGrid, kThreads, smem, stream>>>(static_cast<T const*>(args.key),
-                static_cast<T const*>(args.value), decay, chunkStates, chunkDecay, args.seqLen, args.numHeads,
-                numChunks, dk, dv);
-        }
-    }
-    if (status != DIJIANG_STATUS_SUCCESS)
-    {
-        return status;
-    }
+    chunkStateKernel<C, T><<<chunkGrid, kThreads, stateSmem, stream>>>(static_cast<T const*>(args.key),
+        static_cast<T const*>(args.value), decay, chunkStates, chunkDecay, args.seqLen, args.numHeads, numChunks, dk,
+        dv);
 
     int64_t const stateSize = args.headDimK * args.headDimV;
     int64_t const scanBlocks = (heads * stateSize + kScanThreads - 1) / kScanThreads;
     stateScanKernel<<<static_cast<uint32_t>(scanBlocks), kScanThreads, 0, stream>>>(
         args.pastState, args.presentState, chunkStates, chunkDecay, heads, stateSize, numChunks);
 
-    if (tensorCores)
-    {
-        return launchChunkOutputTensorCore(args, C, numChunks, chunkStates, smemLimit, stream);
-    }
-    size_t const smem = prefillOutputSharedBytes(C, args.headDimK);
-    status = prepareSharedMemory(chunkOutputKernel<C, T>, smem, smemLimit);
-    if (status != DIJIANG_STATUS_SUCCESS)
-    {
-        return status;
-    }
-    chunkOutputKernel<C, T><<<chunkGrid, kThreads, smem, stream>>>(static_cast<T const*>(args.query),
+    chunkOutputKernel<C, T><<<chunkGrid, kThreads, outputSmem, stream>>>(static_cast<T const*>(args.query),
         static_cast<T const*>(args.key), static_cast<T const*>(args.value), decay, chunkStates,
         static_cast<T*>(args.output), args.seqLen, args.numHeads, numChunks, dk, dv, args.scale);
+
     return cudaGetLastError() == cudaSuccess ? DIJIANG_STATUS_SUCCESS : DIJIANG_STATUS_CUDA_ERROR;
 }
 
