@@ -12,7 +12,8 @@ logits of a scored batch (max abs <= 1e-3; TF32 is off), the state after a
 prefill (<= 1e-4), greedy tokens through Generator.step and through the
 GPU greedy path (identical).
 
-Status: written without access to a GPU; it has not run yet.
+Status: not run against TensorRT yet. On the one GPU machine lent so far (an
+H100) every test here skipped: it had neither tensorrt nor onnxruntime-gpu.
 """
 
 from __future__ import annotations
