@@ -35,7 +35,10 @@ def find_library() -> Path | None:
     """$DIJIANG_KERNELS_LIB, else $DIJIANG_PLUGIN_BUILD/main, else plugins/build/main of a source checkout."""
     if os.environ.get("DIJIANG_KERNELS_LIB"):
         return Path(os.environ["DIJIANG_KERNELS_LIB"])
-    for folder in ([Path(os.environ["DIJIANG_PLUGIN_BUILD"]) / "main"] if os.environ.get("DIJIANG_PLUGIN_BUILD") else []) + [REPO_BUILD]:
+    folders = [REPO_BUILD]
+    if os.environ.get("DIJIANG_PLUGIN_BUILD"):
+        folders.insert(0, Path(os.environ["DIJIANG_PLUGIN_BUILD"]) / "main")
+    for folder in folders:
         if (folder / LIBRARY_NAME).is_file():
             return folder / LIBRARY_NAME
     return None
@@ -84,22 +87,48 @@ class Kernels:
     def _ptr(t: Any) -> ctypes.c_void_p | None:
         return None if t is None else ctypes.c_void_p(t.data_ptr())
 
-    def _common(self, query: Any, rule: str, heads: int, past_state: Any) -> tuple[int, int, int, int, int, int]:
+    def _common(self, query: Any, key: Any, value: Any, past_state: Any, decay: Any, output: Any,
+                present_state: Any, rule: str, heads: int) -> tuple[int, int, int, int, int, int]:
+        """Checks the layouts of the module docstring; a wrong shape would make the kernels read or
+        write out of bounds, so every mismatch is a DiJiangError naming the tensor."""
+        import torch
+
+        if rule not in RULE_CODES:
+            raise DiJiangError(f"unknown update rule {rule!r} (gated, linear)")
         dtype = str(query.dtype).removeprefix("torch.")
         if dtype not in DTYPE_CODES:
             raise DiJiangError(f"query dtype {dtype} is not supported (float32, float16)")
-        if rule not in RULE_CODES:
-            raise DiJiangError(f"unknown update rule {rule!r} (gated, linear)")
+        if query.dim() != 3 or past_state.dim() != 4:
+            raise DiJiangError(f"query must be [B, T, H*dk] and past_state [B, H, dk, dv], got "
+                               f"{list(query.shape)} and {list(past_state.shape)}")
         batch, seq, _ = query.shape
-        _, h, dk, dv = past_state.shape
-        if h != heads:
-            raise DiJiangError(f"state has {h} heads, expected {heads}")
+        dk, dv = past_state.shape[2:]
+        expected = {"query": (query, [batch, seq, heads * dk], query.dtype),
+                    "key": (key, [batch, seq, heads * dk], query.dtype),
+                    "value": (value, [batch, seq, heads * dv], query.dtype),
+                    "output": (output, [batch, seq, heads * dv], query.dtype),
+                    "past_state": (past_state, [batch, heads, dk, dv], torch.float32),
+                    "present_state": (present_state, [batch, heads, dk, dv], torch.float32)}
+        if rule == "gated":
+            expected["decay"] = (decay, [batch, seq, heads], query.dtype)
+        elif decay is not None:
+            raise DiJiangError("decay must be None for the linear rule")
+        for name, (t, shape, want) in expected.items():
+            if t is None or list(t.shape) != shape or t.dtype != want:
+                got = "None" if t is None else f"{list(t.shape)} {t.dtype}"
+                raise DiJiangError(f"{name}: expected {shape} {want}, got {got}")
+        for name, (t, _, _) in expected.items():
+            if not t.is_cuda or not t.is_contiguous() or t.device != query.device:
+                raise DiJiangError(f"{name}: must be a contiguous CUDA tensor on {query.device}")
         return DTYPE_CODES[dtype], RULE_CODES[rule], batch, seq, dk, dv
 
     def decode(self, query: Any, key: Any, value: Any, past_state: Any, decay: Any, output: Any, present_state: Any,
                *, heads: int, rule: str = "gated", scale: float = 1.0, stream: Any = None) -> None:
         """One token (T = 1). ``present_state`` may be ``past_state`` (updated in place)."""
-        code, rule_code, batch, _, dk, dv = self._common(query, rule, heads, past_state)
+        code, rule_code, batch, seq, dk, dv = self._common(query, key, value, past_state, decay, output,
+                                                            present_state, rule, heads)
+        if seq != 1:
+            raise DiJiangError(f"decode takes one token, got T={seq}")
         status = self.lib.dijiang_linear_attention_decode(
             code, rule_code, batch, heads, dk, dv, scale, *map(self._ptr, (query, key, value, past_state, decay,
                                                                            output, present_state)),
@@ -115,7 +144,10 @@ class Kernels:
         """
         if entry not in ("prefill", "forward"):
             raise DiJiangError(f"unknown entry {entry!r}")
-        code, rule_code, batch, seq, dk, dv = self._common(query, rule, heads, past_state)
+        code, rule_code, batch, seq, dk, dv = self._common(query, key, value, past_state, decay, output,
+                                                            present_state, rule, heads)
+        if workspace is not None and (not workspace.is_cuda or not workspace.is_contiguous()):
+            raise DiJiangError("workspace: must be a contiguous CUDA tensor")
         size = 0 if workspace is None else workspace.numel() * workspace.element_size()
         fn = getattr(self.lib, f"dijiang_linear_attention_{entry}")
         status = fn(code, rule_code, batch, seq, heads, dk, dv, scale, chunk,

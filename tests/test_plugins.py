@@ -102,3 +102,41 @@ def test_kernel_binding_errors(tmp_path: Path) -> None:
 
     with pytest.raises(DiJiangError, match="no such kernel library"):
         Kernels.load(tmp_path / "libdijiang_kernels.so")
+
+
+def test_kernel_binding_refuses_bad_tensors(build_dir: Path) -> None:
+    """Every mismatch is refused in Python before any launch (these are CPU tensors, so a launch would crash)."""
+    import torch
+
+    from dijiang_deploy.errors import DiJiangError
+    from dijiang_deploy.kernels import Kernels
+
+    kernels = Kernels.load(build_dir / "main" / "libdijiang_kernels.so")
+    b, t, h, d = 2, 5, 3, 16
+
+    def tensors(**change):
+        x = {"query": torch.zeros(b, t, h * d), "key": torch.zeros(b, t, h * d), "value": torch.zeros(b, t, h * d),
+             "past_state": torch.zeros(b, h, d, d), "decay": torch.zeros(b, t, h), "output": torch.zeros(b, t, h * d),
+             "present_state": torch.zeros(b, h, d, d)}
+        x.update(change)
+        return x
+
+    ws = torch.zeros(16, dtype=torch.uint8)
+    cases = {
+        "key": tensors(key=torch.zeros(b, t, h * d + 1)),
+        "value": tensors(value=torch.zeros(b, t + 1, h * d)),
+        "decay": tensors(decay=torch.zeros(b, t, h, dtype=torch.float16)),
+        "present_state": tensors(present_state=torch.zeros(b, h, d, d, dtype=torch.float16)),
+        "output": tensors(output=None),
+        "CUDA tensor": tensors(),
+        "not supported": tensors(query=torch.zeros(b, t, h * d, dtype=torch.float64)),
+    }
+    for message, x in cases.items():
+        with pytest.raises(DiJiangError, match=message):
+            kernels.prefill(**x, workspace=ws, heads=h)
+    with pytest.raises(DiJiangError, match="query: expected"):
+        kernels.prefill(**tensors(), workspace=ws, heads=h + 1)
+    with pytest.raises(DiJiangError, match="None for the linear rule"):
+        kernels.prefill(**tensors(), workspace=ws, heads=h, rule="linear")
+    with pytest.raises(DiJiangError, match="unknown update rule"):
+        kernels.decode(**tensors(), heads=h, rule="delta")
