@@ -122,9 +122,10 @@ def bench_prefill(torch: Any, kernels: Kernels, fla_chunk: Callable | None, batc
     ms = _time(torch, ours, iters, warmup)
     row.update(dijiang_ms=ms, dijiang_tokens_per_s=batch * seq / (ms * 1e-3))
     if fla_chunk is not None:
+        g_fla = g16.float()  # fla takes the decay in float32: the same fp16-rounded values as ours
+
         def theirs() -> Any:
-            # fla takes the decay in float32; the same fp16-rounded values as ours, so both see one input.
-            return fla_chunk(q, k, v, g=g16.float(), scale=1.0, initial_state=h0, output_final_state=True)
+            return fla_chunk(q, k, v, g=g_fla, scale=1.0, initial_state=h0, output_final_state=True)
 
         o_fla, h_fla = theirs()
         a, b = out.float().flatten(), o_fla.float().flatten()

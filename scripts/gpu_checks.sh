@@ -6,8 +6,9 @@
 #
 # The kernels are built in $DIJIANG_GPU_BUILD (default plugins/build-gpu).
 # OUT_DIR receives gpu.txt, build.log, pytest.log and junit.xml, and bench/ (results.json,
-# table.md from benchmarks/gpu_kernels.py). Each step runs even when an earlier
-# one failed; the exit status is that of the first failure. PYTHON picks the
+# table.md from benchmarks/gpu_kernels.py). A failed build stops the script (exit 1,
+# the log's tail printed); the benchmark runs even when tests failed, and the exit
+# status is that of the first failure. PYTHON picks the
 # interpreter (default python3); it needs torch with CUDA, numpy, pytest and,
 # for the ONNX Runtime reference, onnxruntime >= 1.24 (LinearAttention).
 set -uo pipefail

@@ -1,8 +1,9 @@
 """Fixtures for the GPU kernel tests: a CUDA device and libdijiang_kernels.so.
 
 Everything here skips (with the missing piece named) on machines without a CUDA
-device. The library comes from $DIJIANG_KERNELS_LIB, from
-$DIJIANG_PLUGIN_BUILD/main (a scripts/build_plugins.sh build directory), or is
+device. The library is the one dijiang_deploy.kernels.find_library() names
+($DIJIANG_KERNELS_LIB, $DIJIANG_PLUGIN_BUILD/main, or this checkout's
+plugins/build/main, whose default architectures include 80-90 and 110), or is
 built into a temporary directory for the local GPU's architecture only.
 """
 
