@@ -265,6 +265,21 @@ def test_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-5), name
 
 
+def test_thread_default_leaves_busy_cpus_alone(monkeypatch):
+    from dijiang_deploy.finetune import config as C
+
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 2)
+    for busy, want in ((0.0, 2), (0.25, 2), (0.6, 1), (1.0, 1), (2.0, 1), (None, 1)):
+        monkeypatch.setattr(C, "_busy_cpus", lambda busy=busy: busy)
+        assert C.default_threads() == want, busy
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(C, "_busy_cpus", lambda: 3.0)
+    assert C.default_threads() == 13
+    monkeypatch.undo()
+    measured = C._busy_cpus(0.05)
+    assert measured is None or 0.0 <= measured <= (C.os.cpu_count() or 1) + 1e-6
+
+
 # -- evaluation ----------------------------------------------------------------
 
 

@@ -97,7 +97,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "(default: 32 for budgets >= 6 min, else 0; budgets over 9 min scale it and the training text "
         "with the budget, up to 4x)",
     )
-    p.add_argument("--threads", type=int, help="torch threads (default: CPU count - 1, at least 1)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs other processes leave idle)")
     p.add_argument("--no-resume", action="store_true", help="ignore state left by an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -110,7 +110,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: MODEL_DIR's)")
-    p.add_argument("--threads", type=int, help="torch threads (default: CPU count - 1, at least 1)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs other processes leave idle)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--chat", action="store_true", help="also print greedy answers to a few chat questions")
     p.add_argument("--chat-tokens", type=int, default=60, help="max new tokens per chat answer")
