@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from .data import PROMPTS, DataError, builtin_corpus, load_tokenizer, pack, read
 from .e2e import distill_loss
 from .evaluate import evaluate
 from .lora import add_adapters, merge_adapters
+from .quant_aware import RECORD_KEY as QUANT_RECORD_KEY, QuantAwareConfig, WeightGrid, calibrate_in_place
 from .teacher import SoftmaxTeacher, load_teacher, recorded_source
 from .transfer import DecayRates, TeacherCache, build_cache, refit_output, transfer_loss
 
@@ -320,6 +322,7 @@ def finetune(
     progress: bool = True,
     overwrite: bool = False,
     config: FinetuneConfig | None = None,
+    quant_aware: QuantAwareConfig | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a converted DiJiang checkpoint against its softmax teacher.
@@ -332,7 +335,9 @@ def finetune(
     cached once in bf16). Stage 2 distils the teacher's next-token
     distribution end to end. Adapters are merged and the decay rates written
     back as geometric ``D1``/``D2`` tables, so ``out_dir`` is a plain
-    checkpoint (same tensor names, shapes and dtypes as the input).
+    checkpoint (same tensor names, shapes and dtypes as the input). With
+    ``quant_aware``, stage 2 runs through the export's int4/int8 weight grid
+    and the saved linear weights lie on it.
 
     Args:
         model_dir: DiJiang checkpoint folder (from ``convert``).
@@ -351,6 +356,9 @@ def finetune(
             ``out_dir`` if an interrupted run with the same settings left one.
         overwrite: replace an existing ``out_dir``.
         config: full settings; the explicit arguments above override it.
+        quant_aware: train stage 2 through this weight grid and save the
+            rounded weights (:mod:`~dijiang_deploy.finetune.quant_aware`);
+            None: ``config.quant_aware`` (default: off).
         on_step: called as ``on_step(stage, step, loss)`` (tests, logging).
 
     Raises:
@@ -365,6 +373,15 @@ def finetune(
     cfg = FinetuneConfig.from_dict(config.to_dict()) if config is not None else FinetuneConfig()
     cfg.seed, cfg.lora_rank = seed, lora_rank
     cfg.stage2.enabled = bool(stage2)
+    if quant_aware is not None:
+        cfg.quant_aware = quant_aware
+    if cfg.quant_aware is not None:
+        cfg.quant_aware.validate()
+        if lora_rank > 0:
+            raise DiJiangError(
+                "quantization-aware training cannot be combined with lora_rank > 0: "
+                "merging the adapters afterwards would move the weights off the grid"
+            )
     if budget_minutes is not None:
         if budget_minutes <= 0:
             raise DiJiangError(f"budget_minutes must be > 0, got {budget_minutes}")
@@ -418,6 +435,10 @@ def finetune(
     if cfg.lora_rank > 0:
         for i, attn in enumerate(layers):
             add_adapters(attn, cfg.lora_rank, seed=seed * 1000 + i)
+    grid = WeightGrid(student, cfg.quant_aware) if cfg.quant_aware is not None else None
+    calibration: dict[str, Any] | None = None
+    grid_on = False  # stage 2 has reached QuantAwareConfig.start
+    grid_steps = 0
 
     budget_s = cfg.budget_minutes * 60.0
 
@@ -459,6 +480,9 @@ def finetune(
             gen.set_state(state["generator"])
             step = start_step
             stage_s = state.get("stage_s", stage_s)
+            calibration = state.get("quant_calibration", calibration)
+            grid_on = bool(state.get("grid_on", False))
+            grid_steps = int(state.get("grid_steps", 0))
             phase_start_used = state.get("phase_start_used", phase_start_used)
         else:
             phase_start_used = used()
@@ -481,14 +505,26 @@ def finetune(
                     break
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * _schedule(frac)
+            if stage == 2 and grid is not None and not grid_on and frac >= cfg.quant_aware.start:
+                grid_on = True
+                if cfg.quant_aware.calibrate:
+                    if decay is not None:
+                        decay.write_tables()  # the activations measured should see the trained decay
+                    calibration = calibrate_in_place(student, cache.ids, cfg.quant_aware, progress)
+                    # Every layer tensor may have been rescaled: keep them all in resumable state.
+                    trained.update(n for n, _ in student.named_parameters() if ".layers." in n)
             rows = torch.randperm(n_seq, generator=gen)[:batch]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                if stage == 1:
-                    loss, _ = transfer_loss(student, cache, rows, decay)
-                else:
-                    loss = distill_loss(student, cache, rows, decay, cfg.stage2.ce_weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # Grid phase: forward and backward on the rounded weights, the
+            # update on the float masters (straight-through estimator).
+            grid_steps += int(grid_on and stage == 2)
+            with grid.rounded() if grid_on and stage == 2 else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    if stage == 1:
+                        loss, _ = transfer_loss(student, cache, rows, decay)
+                    else:
+                        loss = distill_loss(student, cache, rows, decay, cfg.stage2.ce_weight)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             opt.step()
             step += 1
@@ -504,7 +540,8 @@ def finetune(
                     **base_state, "stage": stage, "step": step, "params": _trainable_state(student, decay, trained),
                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
                     "done_steps": done_steps, "elapsed": used(), "stage_s": stage_s,
-                    "phase_start_used": phase_start_used,
+                    "phase_start_used": phase_start_used, "quant_calibration": calibration, "grid_on": grid_on,
+                    "grid_steps": grid_steps,
                 }
             )
             if on_step is not None:
@@ -517,6 +554,12 @@ def finetune(
     # -- finalise: plain checkpoint ------------------------------------------
     student.requires_grad_(False)
     merged = merge_adapters(student)
+    if grid is not None:
+        if not grid_on and cfg.quant_aware.calibrate:  # stage 2 never reached the grid phase
+            if decay is not None:
+                decay.write_tables()
+            calibration = calibrate_in_place(student, cache.ids, cfg.quant_aware, progress)
+        grid.snap()
     if decay is not None:
         decay.write_tables()
     else:
@@ -543,6 +586,8 @@ def finetune(
         "threads": torch.get_num_threads(),
         "source_checkpoint": str(model_dir),
     }
+    if grid is not None:
+        record[QUANT_RECORD_KEY] = {**cfg.quant_aware.to_record(), "calibration": calibration, "grid_steps": grid_steps}
     student.config.raw["dijiang_finetune"] = {k: v for k, v in record.items() if k not in ("decay_gamma",)}
     save_checkpoint(
         student,

@@ -9,8 +9,13 @@ import json
 def _finetune(args: argparse.Namespace) -> int:
     from .api import finetune
     from .config import FinetuneConfig
+    from .quant_aware import QuantAwareConfig
 
     cfg = FinetuneConfig(threads=args.threads)
+    if args.quant_aware:
+        cfg.quant_aware = QuantAwareConfig.parse(
+            args.quant_aware, args.quant_block_size, args.quant_symmetric, calibrate=not args.no_quant_calibrate
+        )
     if args.generated is not None:
         cfg.data.generated = args.generated
     result = finetune(
@@ -96,6 +101,20 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="chat answers the teacher writes from built-in prompts, added to the built-in text "
         "(default: 32 for budgets >= 6 min, else 0; budgets over 9 min scale it and the training text "
         "with the budget, up to 4x)",
+    )
+    p.add_argument(
+        "--quant-aware", choices=("int4", "int8"),
+        help="train stage 2 through this weight grid and save weights on it, so that "
+        "`export --weights int4` (or int8) loses nothing against the float checkpoint",
+    )
+    p.add_argument("--quant-block-size", type=int, default=32, help="block size of --quant-aware (match export --block-size)")
+    p.add_argument(
+        "--quant-symmetric", action="store_true",
+        help="symmetric --quant-aware grid (for TensorRT Q/DQ exports; default asymmetric, the ONNX Runtime form)",
+    )
+    p.add_argument(
+        "--no-quant-calibrate", action="store_true",
+        help="--quant-aware without the activation-aware channel scaling before stage 2",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: the CPUs other processes leave idle)")
     p.add_argument("--no-resume", action="store_true", help="ignore state left by an interrupted run")

@@ -8,6 +8,8 @@ import os
 import time
 from typing import Any
 
+from .quant_aware import QuantAwareConfig
+
 
 def _busy_cpus(window_s: float = 0.25) -> float | None:
     """CPUs that other processes keep busy right now (Linux ``/proc/stat``), or None."""
@@ -180,6 +182,10 @@ class FinetuneConfig:
             bfloat16 (``torch.autocast``) when the CPU has native bf16
             (AVX512-BF16/AMX: about 2x faster), ``bf16`` always, ``off``
             never. Weights, optimizer state and evaluation stay float32.
+        quant_aware: None, or the weight grid (bits, block size, symmetry)
+            stage 2 trains through; the saved weights are rounded to it so
+            that ``export --weights int4`` with the same grid is lossless
+            (see :mod:`~dijiang_deploy.finetune.quant_aware`).
     """
 
     budget_minutes: float = 9.0
@@ -191,6 +197,7 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    quant_aware: QuantAwareConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +214,8 @@ class FinetuneConfig:
         for k, v in data.items():
             if k in sub:
                 kwargs[k] = sub[k](**v)
+            elif k == "quant_aware":
+                kwargs[k] = QuantAwareConfig(**v) if v else None
             elif k in cls.__dataclass_fields__:
                 kwargs[k] = v
         return cls(**kwargs)
