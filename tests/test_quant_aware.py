@@ -18,17 +18,15 @@ import torch
 
 from dijiang_deploy import load_model
 from dijiang_deploy.checkpoint import save_checkpoint
-from dijiang_deploy.convert import convert_base
 from dijiang_deploy.errors import DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_checkpoint
 from dijiang_deploy.export import quantize as Q
 from dijiang_deploy.export.graph import lossless_on_grid, resolve_attention_op
-from dijiang_deploy.finetune import SoftmaxTeacher, evaluate, finetune
-from dijiang_deploy.finetune.data import ByteTokenizer
+from dijiang_deploy.finetune import evaluate, finetune
 from dijiang_deploy.finetune.quant_aware import QuantAwareConfig, WeightGrid, recorded_grid, round_to_grid, torch_rtn
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.testing import random_model
-from test_finetune import _pretrained_base, sentences, small_config
+from _tiny_student import sentences, small_config, tiny_student
 
 INT4 = QuantAwareConfig(bits=4, block_size=32, symmetric=False)
 #: "On the grid" allows float32 ulps of the re-derived scale (values are O(0.1)).
@@ -101,21 +99,12 @@ def test_config_parsing_and_bad_values():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """The same tiny student fine-tuned twice from one seed: float, and through the int4 grid."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    base = _pretrained_base("llama")
-    root = tmp_path_factory.mktemp("qat")
-    student = save_checkpoint(convert_base(base, progress=False), root / "student")
-    train, heldout = root / "train.txt", root / "heldout.txt"
-    train.write_text(sentences(300, seed=2))
-    heldout.write_text(sentences(60, seed=3))
-    teacher = SoftmaxTeacher.from_base(base)
-    common = dict(data=train, teacher=teacher, steps=60, progress=False, config=small_config())
-    plain = finetune(student, root / "plain", **common)
-    qat = finetune(student, root / "qat", quant_aware=INT4, **common)
-    return {"root": root, "student": student, "plain": plain, "qat": qat, "heldout": heldout, "teacher": teacher,
-            "tok": ByteTokenizer(base.raw_config["vocab_size"]), "train": train}
+    """A tiny student fine-tuned twice from one seed: float, and through the int4 grid."""
+    trained = tiny_student(tmp_path_factory.mktemp("qat"))
+    common = dict(data=trained["train"], teacher=trained["teacher"], steps=60, progress=False, config=small_config())
+    plain = finetune(trained["dir"], trained["root"] / "plain", **common)
+    qat = finetune(trained["dir"], trained["root"] / "qat", quant_aware=INT4, **common)
+    return {**trained, "student": trained["dir"], "plain": plain, "qat": qat}
 
 
 def test_quant_aware_checkpoint_is_on_the_grid_and_recorded(runs):
