@@ -39,6 +39,8 @@ def _export(args: argparse.Namespace) -> int:
     quantized = args.weights in ("int8", "int4")
     if not quantized and (args.no_calibrate or args.calibration_data or args.calibration_tokens is not None):
         raise DiJiangError("calibration options apply to --weights int8/int4 exports only")
+    if not quantized and args.accuracy_level is not None:
+        raise DiJiangError("--accuracy-level applies to --weights int8/int4 exports only")
     opts = ExportOptions(
         dtype=args.dtype,
         logits=args.logits,
@@ -51,6 +53,7 @@ def _export(args: argparse.Namespace) -> int:
         calibrate=not args.no_calibrate,
         calibration_data=args.calibration_data,
         calibration_tokens=ExportOptions.calibration_tokens if args.calibration_tokens is None else args.calibration_tokens,
+        accuracy_level=args.accuracy_level,
     )
     man = export_checkpoint(args.model_dir, args.output, opts, overwrite=args.overwrite)
     ops = sum(man.decode_ops_per_layer.values())
@@ -182,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--asymmetric", action="store_true", help="blocks with zero points (default for int4 inline exports: "
         "ONNX Runtime only, same speed, lower error)"
     )
-    zp.add_argument("--symmetric", action="store_true", help="blocks without zero points (default otherwise; TensorRT needs it)")
+    zp.add_argument(
+        "--symmetric", action="store_true",
+        help="blocks without zero points (default otherwise, unless the checkpoint records a quant-aware grid; TensorRT needs it)",
+    )
     p.add_argument(
         "--float-head", action="store_true", help="keep the LM head in floating point with --weights int8/int4 "
         "(default: the head is quantized to 8 bits)"
@@ -193,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calibration-data", help="text file or folder for calibration (default: built-in local corpus)")
     p.add_argument("--calibration-tokens", type=int, help="calibration tokens (default 1024)")
+    p.add_argument(
+        "--accuracy-level", type=int, choices=range(5), metavar="{0..4}",
+        help="int8/int4: ONNX Runtime MatMulNBits compute precision (default 4: int8 activations, fastest; "
+        "0: float32 activations, more accurate, slower)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_export)
 

@@ -213,3 +213,22 @@ def test_interrupted_quant_aware_run_resumes_to_the_same_weights(runs, tmp_path,
         assert torch.allclose(a[name], b[name], atol=1e-5), name
     assert resumed.stage2_steps == 6
 
+
+
+def test_float_activations_make_the_int4_export_match_its_checkpoint(runs, tmp_path):
+    """With ``accuracy_level=0`` nothing is rounded that the checkpoint does not hold:
+    the int4 graph (head left float: it is not on the grid) reproduces the float32
+    export to float32 accumulation noise."""
+    ids = np.array([runs["tok"].encode(sentences(6, seed=5))[:96]])
+    fp32 = export_checkpoint(runs["qat"].out_dir, tmp_path / "fp32", ExportOptions(logits="all"))
+    m = export_checkpoint(runs["qat"].out_dir, tmp_path / "l0", ExportOptions(weights="int4", logits="all", accuracy_level=0, quantize_head=False))
+    proto = onnx.load(str(tmp_path / "l0" / m.model_file))
+    levels = {int(onnx.helper.get_attribute_value(a)) for n in proto.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels <= {0} and m.quantization["accuracy_level"] == 0
+    want = Generator.from_pretrained(tmp_path / "fp32").score(ids)
+    got = Generator.from_pretrained(tmp_path / "l0").score(ids)
+    assert np.abs(got - want).max() <= 1e-3
+    assert fp32.weights == "fp32"
+    with pytest.raises(DiJiangError, match="accuracy-level"):
+        ExportOptions(weights="int4", accuracy_level=7).validate()
