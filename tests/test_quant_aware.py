@@ -18,11 +18,12 @@ import torch
 
 from dijiang_deploy import load_model
 from dijiang_deploy.checkpoint import save_checkpoint
+from dijiang_deploy.convert import convert_base
 from dijiang_deploy.errors import DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_checkpoint
 from dijiang_deploy.export import quantize as Q
 from dijiang_deploy.export.graph import lossless_on_grid, resolve_attention_op
-from dijiang_deploy.finetune import evaluate, finetune
+from dijiang_deploy.finetune import SoftmaxTeacher, evaluate, finetune
 from dijiang_deploy.finetune.quant_aware import QuantAwareConfig, WeightGrid, recorded_grid, round_to_grid, torch_rtn
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.testing import random_model
@@ -232,3 +233,21 @@ def test_float_activations_make_the_int4_export_match_its_checkpoint(runs, tmp_p
     assert fp32.weights == "fp32"
     with pytest.raises(DiJiangError, match="accuracy-level"):
         ExportOptions(weights="int4", accuracy_level=7).validate()
+
+
+def test_gpt_neox_checkpoint_exports_losslessly_too(tmp_path):
+    """The fused query_key_value, dense, the GELU MLP and W_G of GPT-NeoX all land on the grid."""
+    from dijiang_deploy.testing import random_base
+
+    base = random_base("gpt_neox", seed=5)
+    student = save_checkpoint(convert_base(base, progress=False), tmp_path / "student")
+    data = tmp_path / "train.txt"
+    data.write_text(sentences(80, seed=4))
+    out = finetune(student, tmp_path / "qat", data=data, teacher=SoftmaxTeacher.from_base(base), steps=6,
+                   quant_aware=INT4, progress=False, config=small_config()).out_dir
+    assert WeightGrid(load_model(out), INT4).max_offgrid() <= ON_GRID
+    fp32 = export_checkpoint(out, tmp_path / "fp32", ExportOptions(logits="all"))
+    floats = _float_weights(onnx.load(str(tmp_path / "fp32" / fp32.model_file)))
+    m = export_checkpoint(out, tmp_path / "int4", ExportOptions(weights="int4", logits="all", quantize_head=False))
+    assert m.quantization["calibration"]["method"] == "none"
+    assert _worst_match(onnx.load(str(tmp_path / "int4" / m.model_file)), floats) <= ON_GRID
