@@ -83,12 +83,14 @@ class ExportOptions:
         calibration_data: text file or folder for the calibration pass;
             None: the built-in local corpus.
         calibration_tokens: tokens of calibration text.
-        accuracy_level: ``MatMulNBits.accuracy_level`` for int8/int4 (ONNX
-            Runtime's compute precision: 4 rounds activations to int8 inside
-            the kernel, 0 keeps them float32); None: 4, the fast one. Level 0
-            costs int4 decode ~1.2x and 8-bit weights >10x on ONNX Runtime
-            1.32's CPU kernels, and lifted a quantization-aware SmolLM2
-            checkpoint's int4 top-1 agreement from 96.4% to 98.1%.
+        accuracy_level: ``MatMulNBits.accuracy_level`` of the body's
+            int8/int4 nodes (ONNX Runtime's compute precision: 4 rounds
+            activations to int8 inside the kernel, 0 keeps them float32);
+            None: 4, the fast one. The 8-bit head of an int4 graph stays at
+            4: ONNX Runtime 1.32 has no fast float32-activation kernel for
+            8-bit weights (>10x slower), which also makes level 0 a poor
+            choice for int8 exports. See docs/quantization.md for measured
+            speed and agreement.
     """
 
     dtype: str = "fp32"
@@ -303,9 +305,17 @@ def export_model(
     _fix_io_types(proto, *io_specs(model, options))
     quantization: dict = {}
     if options.weight_format in ("int8", "int4"):
-        from .quantize import quantization_info, quantize_weights
+        from .quantize import DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
 
-        proto = quantize_weights(proto, options, accuracy_level=options.accuracy_level, calibration=calibration)
+        DEFAULT_HEAD_LEVEL = DEFAULT_ACCURACY_LEVEL[8]
+
+        # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
+        # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel (SmolLM2
+        # int4 at level 0 decoded 8 tokens/s with the head at level 0).
+        proto = quantize_weights(
+            proto, options, accuracy_level=options.accuracy_level, calibration=calibration,
+            head_accuracy_level=DEFAULT_HEAD_LEVEL if options.weight_format == "int4" else None,
+        )
         quantization = {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
     if options.attention_op != "linear-attention":
         onnx.checker.check_model(proto, full_check=True)

@@ -315,6 +315,7 @@ def quantize_weights(
     accuracy_level: int | None = None,
     keep_float: Collection[str] = (),
     calibration: dict | None = None,
+    head_accuracy_level: int | None = None,
 ) -> onnx.ModelProto:
     """Quantize the linear layers of an exported step graph to ``MatMulNBits``.
 
@@ -327,6 +328,9 @@ def quantize_weights(
             :data:`DEFAULT_ACCURACY_LEVEL` for the bit width).
         keep_float: node names (as :func:`find_linear_weights` reports them)
             to leave in floating point (mixed precision, sensitivity studies).
+        head_accuracy_level: the LM head's level when it is quantized at a
+            different bit width than the body (None: ``accuracy_level``, or
+            the default for the head's bits).
         calibration: the record of the activation-aware scaling applied to
             the weights before export (:mod:`.calibrate`), kept in the
             quantization record; None: the weights are quantized as they are.
@@ -355,14 +359,20 @@ def quantize_weights(
     head = {w.node for w in selected} - body
     out = _run_ort_quantizer(MatMulNBitsQuantizer, model, body, bits, options, level) if body else model
     if head:
-        head_level = DEFAULT_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level
+        head_level = head_accuracy_level if head_accuracy_level is not None else (
+            DEFAULT_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level
+        )
         out = _run_ort_quantizer(MatMulNBitsQuantizer, out, head, head_bits, options, head_level)
     made = [n for n in out.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
     if len(made) != len(selected):
         raise ExportError(f"quantizer produced {len(made)} MatMulNBits nodes for {len(selected)} selected MatMuls")
     _assert_state_untouched(proto, out)
     layers = _num_layers(out.graph)
-    extra: dict[str, Any] = {"head_bits": head_bits} if any(w.role == "head" for w in selected) else {}
+    extra: dict[str, Any] = {}
+    if head:
+        extra |= {"head_bits": head_bits, "head_accuracy_level": head_level}
+    elif any(w.role == "head" for w in selected):
+        extra["head_bits"] = head_bits
     if calibration is not None:
         extra["calibration"] = calibration
     _set_metadata(out, _record("matmulnbits", bits, options, selected, skipped, layers, accuracy_level=level, **extra))
