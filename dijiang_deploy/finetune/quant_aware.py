@@ -4,10 +4,11 @@
 grid (ONNX Runtime's round-to-nearest, ``block_size`` values along the input
 dimension share a scale and, asymmetric, a zero point). A model trained in
 float loses to that rounding (SmolLM2 b20s: 76.6% top-1 agreement with its
-float32 export, +3.1% perplexity). Here the distillation stage computes its
-forward and backward pass with the rounded weights instead and applies the
-gradient to float master weights (the straight-through estimator, as in
-BinaryConnect / QAT); the saved checkpoint holds the rounded weights. The
+float32 export, +3.1% perplexity). Here the last part of the distillation
+stage (``start`` onwards) computes its forward and backward pass with the
+rounded weights instead and applies the gradient to float master weights
+(the straight-through estimator, as in BinaryConnect / QAT); the saved
+checkpoint holds the rounded weights. The
 export then re-rounds values that are already on its grid, which changes
 nothing: the int4 (and asymmetric int8) graph multiplies by exactly the
 weights the float checkpoint holds, so the quality cost of 4 bits is paid,
@@ -16,10 +17,10 @@ and measured, in training rather than discovered after export.
 The saved weights are rounded by ONNX Runtime's own C++ routine
 (:func:`~dijiang_deploy.export.calibrate.ort_rtn`), so the checkpoint and the
 export cannot disagree on a rounding rule. Training steps round with
-:func:`torch_rtn`, the same formula in torch (about 4x faster over SmolLM2's
-116M grid weights on 2 cores; it differs from ONNX Runtime only on exact
-ties, ~1 weight in 10^6, tested), because rounding every weight at every
-step is the cost of this method.
+:func:`torch_rtn`, the same formula in torch (0.2-1.1 s instead of 1.7-2.1 s
+per step for SmolLM2's 116M grid weights on 2 cores; it differs from ONNX
+Runtime only on exact ties, about 1 weight in 10^5 or fewer, tested),
+because rounding every weight at every step is the cost of this method.
 
 Why int8 comes free: an asymmetric 4-bit block has 16 levels ``s * j`` with
 integer ``j`` in ``[-z, 15 - z]``; asymmetric 8-bit rounding of that block
@@ -54,7 +55,7 @@ class QuantAwareConfig:
         symmetric: symmetric blocks (no zero point; the TensorRT Q/DQ form
             needs them) or asymmetric (the ONNX Runtime ``inline`` default,
             more accurate, and nests inside asymmetric int8).
-        calibrate: before stage 2, apply the export's activation-aware
+        calibrate: when the grid phase starts, apply the export's activation-aware
             channel scaling (:func:`~dijiang_deploy.export.calibrate.calibrate_for_quantization`,
             exact in float) so training starts from the weights that round
             best; the export then has nothing left to calibrate.
