@@ -24,14 +24,15 @@ from dijiang_deploy.export import ExportOptions, Manifest, export_checkpoint
 from dijiang_deploy.export import quantize as Q
 from dijiang_deploy.export.graph import lossless_on_grid, resolve_attention_op
 from dijiang_deploy.finetune import SoftmaxTeacher, evaluate, finetune
-from dijiang_deploy.finetune.quant_aware import QuantAwareConfig, WeightGrid, recorded_grid, round_to_grid, torch_rtn
+from dijiang_deploy.finetune.quant_aware import (
+    ON_GRID_TOLERANCE, QuantAwareConfig, WeightGrid, recorded_grid, round_to_grid, torch_rtn,
+)
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.testing import random_model
 from _tiny_student import sentences, small_config, tiny_student
 
 INT4 = QuantAwareConfig(bits=4, block_size=32, symmetric=False)
-#: "On the grid" allows float32 ulps of the re-derived scale (values are O(0.1)).
-ON_GRID = 1e-6
+ON_GRID = ON_GRID_TOLERANCE
 
 
 @pytest.fixture(autouse=True)
@@ -251,3 +252,17 @@ def test_gpt_neox_checkpoint_exports_losslessly_too(tmp_path):
     m = export_checkpoint(out, tmp_path / "int4", ExportOptions(weights="int4", logits="all", quantize_head=False))
     assert m.quantization["calibration"]["method"] == "none"
     assert _worst_match(onnx.load(str(tmp_path / "int4" / m.model_file)), floats) <= ON_GRID
+
+
+def test_a_checkpoint_edited_after_the_fine_tune_is_calibrated_as_usual(runs, tmp_path, caplog):
+    """The grid record is checked against the weights, not trusted."""
+    model = load_model(runs["qat"].out_dir)
+    opts = resolve_attention_op(model, ExportOptions(weights="int4"))
+    assert lossless_on_grid(model, opts)
+    with torch.no_grad():
+        model.body.layers[0].mlp.up_proj.weight[3, 5] += 1e-3
+    assert not lossless_on_grid(model, opts)
+    assert "off it" in caplog.text
+    edited = save_checkpoint(model, tmp_path / "edited", tokenizer_dir=runs["qat"].out_dir)
+    m = export_checkpoint(edited, tmp_path / "int4", ExportOptions(weights="int4", quantize_head=False))
+    assert m.quantization["calibration"]["method"] != "none"

@@ -160,8 +160,13 @@ def lossless_on_grid(model: DiJiangForCausalLM, options: ExportOptions) -> bool:
     """Whether ``options``' int8/int4 rounding reproduces ``model``'s linear weights
     exactly because a quantization-aware fine-tune left them on a grid it nests:
     same block size, and the same bits and symmetry, or an asymmetric int4 grid
-    exported as asymmetric int8 (see :mod:`~dijiang_deploy.finetune.quant_aware`)."""
-    from ..finetune.quant_aware import recorded_grid
+    exported as asymmetric int8 (see :mod:`~dijiang_deploy.finetune.quant_aware`).
+
+    The record in ``config.json`` is only a claim: the weights are checked
+    against the grid (a few seconds for SmolLM2), and a checkpoint edited
+    after the fine-tune falls back to the calibrated export with a warning.
+    """
+    from ..finetune.quant_aware import ON_GRID_TOLERANCE, WeightGrid, recorded_grid
 
     grid = recorded_grid(model.config.raw)
     if grid is None or options.weight_format not in ("int8", "int4") or grid.block_size != options.block_size:
@@ -169,7 +174,16 @@ def lossless_on_grid(model: DiJiangForCausalLM, options: ExportOptions) -> bool:
     bits = 8 if options.weight_format == "int8" else 4
     if grid.symmetric != bool(options.symmetric):
         return False
-    return grid.bits == bits or (grid.bits == 4 and bits == 8 and not grid.symmetric)
+    if not (grid.bits == bits or (grid.bits == 4 and bits == 8 and not grid.symmetric)):
+        return False
+    off = WeightGrid(model, grid).max_offgrid()
+    if off > ON_GRID_TOLERANCE:
+        log.warning(
+            "config.json records a quant-aware int%d grid, but weights are up to %.3g off it "
+            "(edited after fine-tuning?): calibrating and rounding as usual", grid.bits, off,
+        )
+        return False
+    return True
 
 
 def auto_symmetric(weight_format: str, attention_op: str) -> bool:

@@ -42,6 +42,9 @@ from ..modeling.model import DiJiangForCausalLM
 
 #: Key of the record in ``config.json["dijiang_finetune"]`` that the exporter reads.
 RECORD_KEY = "quant_aware"
+#: Largest ``|w - round(w)|`` still "on the grid": re-deriving a block's scale
+#: from rounded values may move them by float32 ulps (weights are O(0.1)).
+ON_GRID_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -231,6 +234,6 @@ def recorded_grid(raw_config: dict[str, Any]) -> QuantAwareConfig | None:
 
 
 __all__ = [
-    "QuantAwareConfig", "RECORD_KEY", "WeightGrid", "calibrate_in_place", "grid_weights", "recorded_grid", "round_to_grid",
+    "ON_GRID_TOLERANCE", "QuantAwareConfig", "RECORD_KEY", "WeightGrid", "calibrate_in_place", "grid_weights", "recorded_grid", "round_to_grid",
     "torch_rtn",
 ]
