@@ -90,7 +90,8 @@ def test_rounded_context_swaps_weights_and_restores_masters():
 
 def test_config_parsing_and_bad_values():
     assert QuantAwareConfig.parse("int8", 64, True) == QuantAwareConfig(8, 64, True)
-    for bad in (("int3",), ("int4", 24), ("int4", 8)):
+    assert QuantAwareConfig.parse("int4", start=0.0).start == 0.0
+    for bad in (("int3",), ("int4", 24), ("int4", 8), ("int4", 32, False, True, 1.0), ("int4", 32, False, True, -0.1)):
         with pytest.raises(DiJiangError):
             QuantAwareConfig.parse(*bad)
     assert recorded_grid({}) is None
@@ -266,3 +267,33 @@ def test_a_checkpoint_edited_after_the_fine_tune_is_calibrated_as_usual(runs, tm
     edited = save_checkpoint(model, tmp_path / "edited", tokenizer_dir=runs["qat"].out_dir)
     m = export_checkpoint(edited, tmp_path / "int4", ExportOptions(weights="int4", quantize_head=False))
     assert m.quantization["calibration"]["method"] != "none"
+
+
+def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
+    import argparse
+
+    from dijiang_deploy.finetune import api
+    from dijiang_deploy.finetune.cli import add_parsers
+
+    seen = {}
+
+    def fake(*args, config=None, **kwargs):
+        seen["grid"] = config.quant_aware
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "finetune", fake)
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+
+    def run(*flags: str) -> None:
+        args = parser.parse_args(["finetune", str(tmp_path), "-o", str(tmp_path / "o"), *flags])
+        with pytest.raises(SystemExit):
+            args.func(args)
+
+    run("--quant-aware", "int4", "--quant-block-size", "64", "--quant-symmetric", "--quant-start", "0.25",
+        "--no-quant-calibrate")
+    assert seen["grid"] == QuantAwareConfig(bits=4, block_size=64, symmetric=True, calibrate=False, start=0.25)
+    run()
+    assert seen["grid"] is None
+    with pytest.raises(DiJiangError, match="start"):
+        run("--quant-aware", "int8", "--quant-start", "1.5")

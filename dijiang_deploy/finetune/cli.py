@@ -14,7 +14,8 @@ def _finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(threads=args.threads)
     if args.quant_aware:
         cfg.quant_aware = QuantAwareConfig.parse(
-            args.quant_aware, args.quant_block_size, args.quant_symmetric, calibrate=not args.no_quant_calibrate
+            args.quant_aware, args.quant_block_size, args.quant_symmetric, calibrate=not args.no_quant_calibrate,
+            start=args.quant_start,
         )
     if args.generated is not None:
         cfg.data.generated = args.generated
@@ -111,6 +112,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quant-symmetric", action="store_true",
         help="symmetric --quant-aware grid (for TensorRT Q/DQ exports; default asymmetric, the ONNX Runtime form)",
+    )
+    p.add_argument(
+        "--quant-start", type=float, default=0.5,
+        help="share of stage 2 trained in float before the --quant-aware grid phase (0: from the first step)",
     )
     p.add_argument(
         "--no-quant-calibrate", action="store_true",

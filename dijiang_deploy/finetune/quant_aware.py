@@ -88,12 +88,14 @@ class QuantAwareConfig:
         return {**asdict(self), "rounding": "onnxruntime quantize_matmul_nbits (round to nearest)"}
 
     @classmethod
-    def parse(cls, weights: str, block_size: int = 32, symmetric: bool = False, calibrate: bool = True) -> "QuantAwareConfig":
+    def parse(
+        cls, weights: str, block_size: int = 32, symmetric: bool = False, calibrate: bool = True, start: float = 0.5
+    ) -> "QuantAwareConfig":
         """From the CLI's ``int4``/``int8``."""
         bits = {"int4": 4, "int8": 8}.get(weights)
         if bits is None:
             raise DiJiangError(f"--quant-aware must be int4 or int8, got {weights!r}")
-        cfg = cls(bits=bits, block_size=block_size, symmetric=symmetric, calibrate=calibrate)
+        cfg = cls(bits=bits, block_size=block_size, symmetric=symmetric, calibrate=calibrate, start=start)
         cfg.validate()
         return cfg
 
