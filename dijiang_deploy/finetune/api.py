@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .lora import add_adapters, merge_adapters
 from .quant_aware import RECORD_KEY as QUANT_RECORD_KEY, QuantAwareConfig, WeightGrid, calibrate_in_place
 from .teacher import SoftmaxTeacher, load_teacher, recorded_source
-from .transfer import DecayRates, TeacherCache, build_cache, refit_output, transfer_loss
+from .transfer import DecayRates, OnlineTeacher, TeacherBatches, build_cache, refit_output, transfer_loss
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def _work_dir(out_dir: Path) -> Path:
 
 def _fingerprint(model_dir: Path, data: str | None, teacher: str, cfg: FinetuneConfig) -> str:
     d = cfg.to_dict()
-    d.pop("threads", None)
-    d.pop("checkpoint_every_s", None)
+    for key in ("threads", "checkpoint_every_s", "device"):
+        d.pop(key, None)
     payload = json.dumps([str(model_dir.resolve()), data, teacher, d], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -258,14 +258,20 @@ class _Saver:
 # -- the run ------------------------------------------------------------------
 
 
-def autocast_enabled(mode: str) -> bool:
-    """Whether ``FinetuneConfig.autocast`` turns bf16 autocast on here (CPU)."""
+def autocast_enabled(mode: str, device: torch.device | str = "cpu") -> bool:
+    """Whether ``FinetuneConfig.autocast`` turns bf16 autocast on for ``device``.
+
+    ``auto``: on the CPU when it has native bf16 (AVX512-BF16 or AMX), on a
+    CUDA GPU when torch reports bf16 support (Ampere and later).
+    """
     if mode == "off":
         return False
     if mode == "bf16":
         return True
     if mode != "auto":
         raise DiJiangError(f"autocast must be auto, bf16 or off, got {mode!r}")
+    if torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # older torch: stay in float32
@@ -274,7 +280,7 @@ def autocast_enabled(mode: str) -> bool:
 
 def _refit(
     student: DiJiangForCausalLM,
-    cache: TeacherCache,
+    cache: TeacherBatches,
     decay: DecayRates | None,
     cfg: FinetuneConfig,
     seed: int,
@@ -285,7 +291,7 @@ def _refit(
     """Least-squares refit of the output projections (see ``Stage1Config.refit_output``)."""
     gen = torch.Generator().manual_seed(seed * 31 + 7)
     rows = torch.randperm(cache.ids.shape[0], generator=gen)[: cfg.stage1.refit_rows]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast)):
+    with torch.autocast(cache.device.type, dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast, cache.device)):
         losses = refit_output(student, cache, rows, cfg.stage1.ridge, decay)
     log_to.append(sum(losses) / len(losses))
     if progress:
@@ -337,7 +343,9 @@ def finetune(
     back as geometric ``D1``/``D2`` tables, so ``out_dir`` is a plain
     checkpoint (same tensor names, shapes and dtypes as the input). With
     ``quant_aware``, stage 2 runs through the export's int4/int8 weight grid
-    and the saved linear weights lie on it.
+    and the saved linear weights lie on it. Training runs on
+    ``config.device`` (default: a CUDA GPU when torch sees one, else the
+    CPU); the saved checkpoint is on the CPU either way.
 
     Args:
         model_dir: DiJiang checkpoint folder (from ``convert``).
@@ -387,7 +395,9 @@ def finetune(
             raise DiJiangError(f"budget_minutes must be > 0, got {budget_minutes}")
         cfg.budget_minutes = float(budget_minutes)
     _split_steps(steps, cfg)
-    cfg.data.resolve(cfg.budget_minutes, steps)
+    device = cfg.resolved_device()
+    online = cfg.resolved_teacher_pass(device) == "online"
+    cfg.data.resolve(cfg.budget_minutes, steps, online=online)
     if lora_rank < 0:
         raise DiJiangError(f"lora_rank must be >= 0, got {lora_rank}")
     if out_dir.exists() and not overwrite:
@@ -406,6 +416,7 @@ def finetune(
         name = str(teacher) if teacher is not None else recorded_source(model_dir)
         teacher_model = load_teacher(teacher, model_dir)
         teacher_name = name or teacher_model.description
+    teacher_model.model.to(device)
     tc, sc = teacher_model.config, student.config
     for attr in ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
         if getattr(tc, attr) != getattr(sc, attr):
@@ -425,9 +436,13 @@ def finetune(
         ids, data_what = state["tokens"], state["data_what"]
     else:
         ids, data_what = build_tokens(model_dir, data, teacher_model, tokenizer, cfg, progress)
-    use_bf16 = autocast_enabled(cfg.autocast)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-        cache = build_cache(teacher_model, ids, cfg.stage2.top_k, progress=progress)
+    use_bf16 = autocast_enabled(cfg.autocast, device)
+    cache: TeacherBatches
+    if online:
+        cache = OnlineTeacher(teacher_model, ids, cfg.stage2.top_k, autocast=use_bf16)
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            cache = build_cache(teacher_model, ids, cfg.stage2.top_k, progress=progress)
     base_state = {"tokens": ids, "data_what": data_what}
 
     layers = student.attention_layers()
@@ -436,6 +451,11 @@ def finetune(
         for i, attn in enumerate(layers):
             add_adapters(attn, cfg.lora_rank, seed=seed * 1000 + i)
     grid = WeightGrid(student, cfg.quant_aware) if cfg.quant_aware is not None else None
+    # Moved after the adapters and the grid are attached: Module.to keeps the
+    # Parameter objects, so the grid's and the optimizer's references hold.
+    student.to(device)
+    if decay is not None:
+        decay.to(device)
     calibration: dict[str, Any] | None = None
     grid_on = False  # stage 2 has reached QuantAwareConfig.start
     grid_steps = 0
@@ -519,7 +539,7 @@ def finetune(
             # update on the float masters (straight-through estimator).
             grid_steps += int(grid_on and stage == 2)
             with grid.rounded() if grid_on and stage == 2 else contextlib.nullcontext():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     if stage == 1:
                         loss, _ = transfer_loss(student, cache, rows, decay)
                     else:
@@ -552,7 +572,11 @@ def finetune(
         state = None
 
     # -- finalise: plain checkpoint ------------------------------------------
-    student.requires_grad_(False)
+    # On the CPU: ONNX Runtime's rounding (snap) and the saved tensors live there.
+    student.requires_grad_(False).to("cpu")
+    teacher_model.model.to("cpu")
+    if decay is not None:
+        decay.to("cpu")
     merged = merge_adapters(student)
     if grid is not None:
         if not grid_on and cfg.quant_aware.calibrate:  # stage 2 never reached the grid phase
@@ -583,6 +607,8 @@ def finetune(
         "heldout_perplexity": heldout,
         "seconds": round(used(), 1),
         "bf16_autocast": use_bf16,
+        "device": str(device),
+        "teacher_pass": "online" if online else "cache",
         "threads": torch.get_num_threads(),
         "source_checkpoint": str(model_dir),
     }

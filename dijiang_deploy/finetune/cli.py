@@ -11,7 +11,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig
     from .quant_aware import QuantAwareConfig
 
-    cfg = FinetuneConfig(threads=args.threads)
+    cfg = FinetuneConfig(threads=args.threads, device=args.device, teacher_pass=args.teacher_pass)
     if args.quant_aware:
         cfg.quant_aware = QuantAwareConfig.parse(
             args.quant_aware, args.quant_block_size, args.quant_symmetric, calibrate=not args.no_quant_calibrate,
@@ -122,6 +122,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="--quant-aware without the activation-aware channel scaling before stage 2",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: the CPUs other processes leave idle)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--teacher-pass", choices=("auto", "cache", "online"), default="auto",
+                   help="cache: run the teacher once and keep its states in host memory (CPU default); "
+                        "online: run it on every batch, no cap on the data (GPU default)")
     p.add_argument("--no-resume", action="store_true", help="ignore state left by an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -8,6 +8,9 @@ import os
 import time
 from typing import Any
 
+import torch
+
+from ..errors import DiJiangError
 from .quant_aware import QuantAwareConfig
 
 
@@ -77,12 +80,24 @@ class DataConfig:
     builtin_chars: int = 3_000_000
     scale_with_budget: bool = True
 
-    def resolve(self, budget_minutes: float, steps: int | None) -> None:
+    def resolve(self, budget_minutes: float, steps: int | None, online: bool = False) -> None:
         """Fill ``generated`` (None: 32 from 6 minutes or with steps, else 0)
-        and scale the data with the budget (see ``scale_with_budget``)."""
+        and scale the data with the budget (see ``scale_with_budget``).
+
+        ``online`` (teacher run per batch, see ``FinetuneConfig.teacher_pass``):
+        nothing is cached, so ``max_tokens`` left at its default becomes
+        :data:`ONLINE_MAX_TOKENS` and the automatic ``generated`` count is
+        multiplied by :data:`ONLINE_GENERATED_SCALE`.
+        """
         auto_generated = self.generated is None
         if auto_generated:
             self.generated = 32 if (steps is not None or budget_minutes >= 6) else 0
+        if online:
+            if self.max_tokens == DataConfig.max_tokens:
+                self.max_tokens = ONLINE_MAX_TOKENS
+            if auto_generated:
+                self.generated *= ONLINE_GENERATED_SCALE
+            return
         if not self.scale_with_budget or steps is not None or budget_minutes <= REFERENCE_BUDGET:
             return
         factor = min(budget_minutes / REFERENCE_BUDGET, MAX_DATA_SCALE)
@@ -90,6 +105,13 @@ class DataConfig:
         if auto_generated:
             self.generated = int(self.generated * factor)
 
+
+#: Training tokens kept when the teacher runs online (nothing cached): about
+#: all of the built-in local text (~3M characters) on a GPU, where a step
+#: costs a hundredth of a 2-core CPU's. Not tuned on hardware yet.
+ONLINE_MAX_TOKENS = 1 << 20
+#: Teacher-written answers, relative to the CPU default, when online.
+ONLINE_GENERATED_SCALE = 8
 
 #: The budget (minutes) the default data size was chosen for.
 REFERENCE_BUDGET = 9.0
@@ -186,6 +208,18 @@ class FinetuneConfig:
             stage 2 trains through; the saved weights are rounded to it so
             that ``export --weights int4`` with the same grid is lossless
             (see :mod:`~dijiang_deploy.finetune.quant_aware`).
+        device: ``auto`` (the first CUDA GPU when torch sees one, else the
+            CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the student and the
+            teacher train and run. Saving, snapping and the held-out check
+            run on the CPU.
+        teacher_pass: ``cache`` runs the teacher once over all training
+            tokens and keeps its per-layer states in host memory (bf16);
+            ``online`` runs it on every batch instead (no cache, so the data
+            is not capped by memory: see :data:`ONLINE_MAX_TOKENS`);
+            ``auto``: ``cache`` on the CPU, ``online`` on a GPU, where a
+            teacher forward costs little next to the step and a step is
+            ~100x faster than on 2 CPU cores, so the CPU-sized data would be
+            seen hundreds of times.
     """
 
     budget_minutes: float = 9.0
@@ -198,9 +232,42 @@ class FinetuneConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     quant_aware: QuantAwareConfig | None = None
+    device: str = "auto"
+    teacher_pass: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolved_device(self) -> torch.device:
+        """The torch device of this run (see ``device``).
+
+        Raises:
+            DiJiangError: an unknown name, or CUDA asked for and not usable.
+        """
+        name = self.device.strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise DiJiangError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise DiJiangError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DiJiangError(f"device {self.device!r}: this torch build sees no CUDA GPU "
+                                   f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise DiJiangError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+
+    def resolved_teacher_pass(self, device: torch.device) -> str:
+        """``cache`` or ``online`` for ``device`` (see ``teacher_pass``)."""
+        if self.teacher_pass == "auto":
+            return "cache" if device.type == "cpu" else "online"
+        if self.teacher_pass not in ("cache", "online"):
+            raise DiJiangError(f"teacher_pass must be auto, cache or online, got {self.teacher_pass!r}")
+        return self.teacher_pass
 
     def resolved_threads(self) -> int:
         """The torch thread count this run uses (see ``threads``)."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..modeling.model import DiJiangForCausalLM
-from .transfer import DecayRates, TeacherCache
+from .transfer import DecayRates, TeacherBatches
 
 
 def distill_loss(
     model: DiJiangForCausalLM,
-    cache: TeacherCache,
+    cache: TeacherBatches,
     rows: torch.Tensor,
     decay: DecayRates | None = None,
     ce_weight: float = 0.0,
@@ -24,11 +24,12 @@ def distill_loss(
     """
     if decay is not None:
         decay.install()
-    ids = cache.ids[rows]
+    ids = cache.input_ids(rows)
+    top_values, top_index = cache.top_k(rows)
     logits = model(ids, mode="chunked", chunk_size=64).logits.float()
     logq = torch.log_softmax(logits, dim=-1)
-    p = torch.softmax(cache.top_values[rows].float(), dim=-1)
-    picked = logq.gather(-1, cache.top_index[rows].long())
+    p = torch.softmax(top_values.float(), dim=-1)
+    picked = logq.gather(-1, top_index.long())
     loss = -(p * picked).sum(-1).mean()
     if ce_weight:
         nll = -logq[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].mean()

@@ -30,6 +30,7 @@ every ``s * j``. Symmetric grids do not nest this way.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -232,8 +233,11 @@ def calibrate_in_place(model: DiJiangForCausalLM, ids: torch.Tensor, cfg: QuantA
     from ..export.calibrate import calibrate_for_quantization
 
     rows = max(1, min(ids.shape[0], -(-cfg.calibration_tokens // ids.shape[1])))
+    # The export calibrates on the CPU; so does this, on a copy when the
+    # model trains elsewhere, so both see the same float32 activations.
+    source = model if model.head.weight.device.type == "cpu" else copy.deepcopy(model).to("cpu")
     scaled, report = calibrate_for_quantization(
-        model, ids[:rows], cfg.bits, cfg.block_size, cfg.symmetric, progress=progress
+        source, ids[:rows].cpu(), cfg.bits, cfg.block_size, cfg.symmetric, progress=progress
     )
     model.load_state_dict(scaled.state_dict())
     return report.to_record()

@@ -63,7 +63,8 @@ def softmax_attention(
         # A padding query with no real key before it would give NaN: let every
         # query see its own key (padding outputs are never used).
         diag = torch.zeros(n, t, dtype=torch.bool, device=x.device)
-        diag[torch.arange(n), torch.arange(n) + t - n] = True
+        rows = torch.arange(n, device=x.device)
+        diag[rows, rows + t - n] = True
         allowed = allowed | diag
 
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0 / math.sqrt(attn.head_dim))
@@ -128,7 +129,7 @@ class SoftmaxTeacher:
         m = self.model
         b, n = input_ids.shape
         if attention_mask is None:
-            positions = torch.arange(n)[None].expand(b, n)
+            positions = torch.arange(n, device=input_ids.device)[None].expand(b, n)
         else:
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         cos, sin = m.rotary(positions)
@@ -167,6 +168,7 @@ class SoftmaxTeacher:
             the generated ids of each row (prompt excluded, eos excluded).
         """
         m = self.model
+        device = m.head.weight.device
         b = len(prompts)
         width = max(len(p) for p in prompts)
         ids = torch.zeros(b, width, dtype=torch.long)
@@ -174,6 +176,7 @@ class SoftmaxTeacher:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
         caches = [dict() for _ in m.body.layers]
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
@@ -190,7 +193,8 @@ class SoftmaxTeacher:
                     h = h + a
                     h = h + layer.mlp(layer.post_attention_layernorm(h))
             logits = m.head(m.body.final_norm(h[:, -1])).float()
-            nxt = _sample(logits, temperature, top_p, generator)
+            # Sampling on the CPU: the seeded generator lives there (same draws on any device).
+            nxt = _sample(logits.cpu(), temperature, top_p, generator)
             for i in range(b):
                 if not done[i]:
                     tok = int(nxt[i])
@@ -200,9 +204,9 @@ class SoftmaxTeacher:
                         out[i].append(tok)
             if bool(done.all()):
                 break
-            cur = nxt[:, None]
+            cur = nxt[:, None].to(device)
             positions = positions[:, -1:] + 1
-            mask = torch.cat((mask, torch.ones(b, 1, dtype=torch.long)), dim=1)
+            mask = torch.cat((mask, torch.ones(b, 1, dtype=torch.long, device=device)), dim=1)
         return out
 
 

@@ -6,12 +6,19 @@ teacher runs once over the training tokens and its per-layer ``(x, y)`` pairs
 are cached (bf16). The loss of a layer is the relative MSE
 ``||y_hat - y||^2 / ||y||^2`` over the batch; the step loss is its mean over
 layers.
+
+Both stages read the teacher through a :class:`TeacherBatches`: either
+:class:`TeacherCache` (one pass up front, kept in host memory: the CPU
+default, where the teacher pass would otherwise cost as much as the step) or
+:class:`OnlineTeacher` (the teacher runs on each batch on the training
+device: no cache, so the data is not bounded by host memory; the default on
+a GPU).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,9 +31,35 @@ from .teacher import SoftmaxTeacher
 LOG_RATE_MIN, LOG_RATE_MAX = math.log(1 / 8192), math.log(1 / 4)
 
 
+class TeacherBatches:
+    """What training needs from the teacher, batch by batch.
+
+    Attributes:
+        ids: ``[S, L]`` int64 training sequences (host memory).
+        device: where the returned tensors live (the student's device).
+    """
+
+    ids: torch.Tensor
+    device: torch.device
+
+    def input_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` int64 sequences ``rows`` (CPU int64 indices) on :attr:`device`."""
+        return self.ids[rows].to(self.device)
+
+    def layer_io(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` each ``[layers, B, L, D]`` bf16 on :attr:`device`: every
+        layer's attention input (after its norm) and softmax attention output."""
+        raise NotImplementedError
+
+    def top_k(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values [B, L, K] float16, index [B, L, K] int32)``: the teacher's
+        largest next-token logits and their token ids, on :attr:`device`."""
+        raise NotImplementedError
+
+
 @dataclass
-class TeacherCache:
-    """The teacher's view of the training tokens.
+class TeacherCache(TeacherBatches):
+    """The teacher's view of the training tokens, computed once (host memory).
 
     Attributes:
         ids: ``[S, L]`` int64 training sequences.
@@ -34,6 +67,7 @@ class TeacherCache:
         y: ``[layers, S, L, D]`` bf16, each layer's attention output.
         top_values: ``[S, L, K]`` float16 teacher logits of its top-K tokens.
         top_index: ``[S, L, K]`` int32 the token ids of those logits.
+        device: where batches are sent (the cache itself stays in host memory).
     """
 
     ids: torch.Tensor
@@ -41,13 +75,59 @@ class TeacherCache:
     y: torch.Tensor
     top_values: torch.Tensor
     top_index: torch.Tensor
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def layer_io(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[:, rows].to(self.device), self.y[:, rows].to(self.device)
+
+    def top_k(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.top_values[rows].to(self.device), self.top_index[rows].to(self.device)
+
+
+class OnlineTeacher(TeacherBatches):
+    """The teacher run on each requested batch, on the training device.
+
+    Costs one teacher forward per call (two per stage-1/refit step is never
+    needed: each step asks once), in exchange for no cache: ``layers * 2 *
+    hidden * 2`` bytes per training token (69 KB for SmolLM2) is what bounds
+    the cached data on a host. Values are rounded like the cache's (bf16
+    hidden states, float16 logits) so both paths train on the same numbers.
+
+    Args:
+        teacher: the softmax teacher, already on ``device``.
+        ids: ``[S, L]`` int64 training sequences (host memory).
+        top_k: logits kept per token for stage 2.
+        autocast: run the teacher under bf16 autocast.
+    """
+
+    def __init__(self, teacher: SoftmaxTeacher, ids: torch.Tensor, top_k: int, autocast: bool = False):
+        self.teacher = teacher
+        self.ids = ids
+        self.k = min(top_k, teacher.config.vocab_size)
+        self.autocast = autocast
+        self.device = next(teacher.model.parameters()).device
+
+    @torch.no_grad()
+    def _run(self, rows: torch.Tensor, trace: bool) -> tuple[torch.Tensor, list]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.teacher(self.input_ids(rows), trace=trace, trace_dtype=torch.bfloat16)
+
+    def layer_io(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, traces = self._run(rows, trace=True)
+        return torch.stack([t.x for t in traces]), torch.stack([t.y for t in traces])
+
+    def top_k(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _ = self._run(rows, trace=False)
+        top = logits.topk(self.k, dim=-1)
+        return top.values.to(torch.float16), top.indices.to(torch.int32)
 
 
 @torch.no_grad()
 def build_cache(
     teacher: SoftmaxTeacher, ids: torch.Tensor, top_k: int, batch: int = 8, progress: bool = True
 ) -> TeacherCache:
-    """Run the teacher over ``ids [S, L]`` once and keep what training needs."""
+    """Run the teacher over ``ids [S, L]`` once (on the teacher's device) and keep
+    what training needs in host memory; batches go back to that device."""
     from tqdm.auto import tqdm
 
     cfg = teacher.config
@@ -57,19 +137,20 @@ def build_cache(
     k = min(top_k, cfg.vocab_size)
     tv = torch.empty(s, n, k, dtype=torch.float16)
     ti = torch.empty(s, n, k, dtype=torch.int32)
+    device = next(teacher.model.parameters()).device
     bar = tqdm(total=s * n, desc="teacher pass", unit="tok", disable=not progress, leave=False)
     for start in range(0, s, batch):
-        chunk = ids[start : start + batch]
+        chunk = ids[start : start + batch].to(device)
         logits, traces = teacher(chunk, trace=True)
         for i, tr in enumerate(traces):
-            x[i, start : start + len(chunk)] = tr.x.to(torch.bfloat16)
-            y[i, start : start + len(chunk)] = tr.y.to(torch.bfloat16)
+            x[i, start : start + len(chunk)] = tr.x.to(torch.bfloat16).cpu()
+            y[i, start : start + len(chunk)] = tr.y.to(torch.bfloat16).cpu()
         top = logits.topk(k, dim=-1)
-        tv[start : start + len(chunk)] = top.values.to(torch.float16)
-        ti[start : start + len(chunk)] = top.indices.to(torch.int32)
+        tv[start : start + len(chunk)] = top.values.to(torch.float16).cpu()
+        ti[start : start + len(chunk)] = top.indices.to(torch.int32).cpu()
         bar.update(chunk.numel())
     bar.close()
-    return TeacherCache(ids, x, y, tv, ti)
+    return TeacherCache(ids, x, y, tv, ti, device)
 
 
 class DecayRates(nn.Module):
@@ -99,7 +180,7 @@ class DecayRates(nn.Module):
         log_gamma = torch.log1p(-torch.exp(a))
         for i, attn in enumerate(self.layers):
             length = attn.D1.shape[2]
-            t = torch.arange(length, dtype=torch.float64)
+            t = torch.arange(length, dtype=torch.float64, device=a.device)
             lg = log_gamma[i][:, None]
             d1 = torch.exp(t[None] * lg)[None, :, :, None]
             d2 = torch.exp(-t[None] * lg)[None, :, :, None]
@@ -113,8 +194,8 @@ class DecayRates(nn.Module):
 
 
 def layer_inputs(model: DiJiangForCausalLM, n: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(positions [B, n], cos, sin)`` for sequences starting at position 0."""
-    positions = torch.arange(n)[None].expand(batch, n)
+    """``(positions [B, n], cos, sin)`` for sequences starting at position 0, on the model's device."""
+    positions = torch.arange(n, device=model.head.weight.device)[None].expand(batch, n)
     cos, sin = model.rotary(positions)
     return positions, cos, sin
 
@@ -126,20 +207,20 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def transfer_loss(
-    model: DiJiangForCausalLM, cache: TeacherCache, rows: torch.Tensor, decay: DecayRates | None = None
+    model: DiJiangForCausalLM, cache: TeacherBatches, rows: torch.Tensor, decay: DecayRates | None = None
 ) -> tuple[torch.Tensor, list[float]]:
-    """Mean relative MSE over layers on the cached sequences ``rows``; also per-layer values."""
+    """Mean relative MSE over layers on the training sequences ``rows``; also per-layer values."""
     if decay is not None:
         decay.install()
     b, n = len(rows), cache.ids.shape[1]
     positions, cos, sin = layer_inputs(model, n, b)
     layers = model.attention_layers()
-    state = torch.zeros(b, *model.config.state_shape)
+    state = torch.zeros(b, *model.config.state_shape, device=positions.device)
+    xs, ys = cache.layer_io(rows)
     losses = []
     for i, attn in enumerate(layers):
-        x = cache.x[i, rows].float()
-        y_hat, _ = attn(x, cos, sin, positions, None, state, mode="chunked", chunk_size=64)
-        losses.append(relative_mse(y_hat, cache.y[i, rows]))
+        y_hat, _ = attn(xs[i].float(), cos, sin, positions, None, state, mode="chunked", chunk_size=64)
+        losses.append(relative_mse(y_hat, ys[i]))
     total = torch.stack(losses).mean()
     return total, [float(v.detach()) for v in losses]
 
@@ -147,7 +228,7 @@ def transfer_loss(
 @torch.no_grad()
 def refit_output(
     model: DiJiangForCausalLM,
-    cache: TeacherCache,
+    cache: TeacherBatches,
     rows: torch.Tensor,
     ridge: float = 1e-2,
     decay: DecayRates | None = None,
@@ -167,7 +248,8 @@ def refit_output(
         decay.install()
     b, n = len(rows), cache.ids.shape[1]
     positions, cos, sin = layer_inputs(model, n, b)
-    state = torch.zeros(b, *model.config.state_shape)
+    state = torch.zeros(b, *model.config.state_shape, device=positions.device)
+    xs, ys = cache.layer_io(rows)
     after = []
     for i, attn in enumerate(model.attention_layers()):
         proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
@@ -175,15 +257,15 @@ def refit_output(
         captured: list[torch.Tensor] = []
         handle = proj.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach()))
         try:
-            attn(cache.x[i, rows].float(), cos, sin, positions, None, state, mode="chunked", chunk_size=64)
+            attn(xs[i].float(), cos, sin, positions, None, state, mode="chunked", chunk_size=64)
         finally:
             handle.remove()
         z = captured[0].reshape(-1, captured[0].shape[-1]).double()
-        y = cache.y[i, rows].reshape(-1, z.shape[1]).double()
+        y = ys[i].reshape(-1, z.shape[1]).double()
         if base.bias is not None:
-            z = torch.cat((z, torch.ones(len(z), 1, dtype=z.dtype)), dim=1)
+            z = torch.cat((z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)), dim=1)
         gram = z.T @ z
-        gram += torch.eye(len(gram), dtype=gram.dtype) * ridge * gram.diagonal().mean()
+        gram += torch.eye(len(gram), dtype=gram.dtype, device=gram.device) * ridge * gram.diagonal().mean()
         w = torch.linalg.solve(gram, z.T @ y).T  # [D, D(+1)]
         if hasattr(proj, "lora_B"):
             proj.lora_B.zero_()  # the adapter restarts from the refitted weight
