@@ -19,6 +19,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (fine-tuning tests: steady timing and
+    results on a shared 2-core machine); the previous count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["gpt_neox", "llama"])
 def family(request) -> str:
     return request.param

@@ -23,12 +23,7 @@ from dijiang_deploy.testing import random_base, random_model
 from _tiny_student import sentences, small_config, tiny_student
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ INT4 = QuantAwareConfig(bits=4, block_size=32, symmetric=False)
 ON_GRID = ON_GRID_TOLERANCE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rounding_is_idempotent_and_int4_nests_in_asymmetric_int8():
