@@ -417,6 +417,20 @@ def test_tied_head_and_dtypes_on_toy_graph(dtype):
     assert rel < 0.25
 
 
+def test_head_default_follows_the_bit_width():
+    """int4 quantizes the tied head (speed), int8 keeps it float (accuracy) unless told otherwise."""
+    def heads(opts: ExportOptions) -> int:
+        q = Q.quantize_weights(_toy(), opts)
+        return sum(1 for n in q.graph.node if n.op_type == "MatMulNBits") - 2  # linear + gate
+
+    assert heads(ExportOptions(weights="int4", block_size=16)) == 1
+    assert heads(ExportOptions(weights="int8", block_size=16)) == 0
+    assert heads(ExportOptions(weights="int8", block_size=16, quantize_head=True)) == 1
+    assert heads(ExportOptions(weights="int4", block_size=16, quantize_head=False)) == 0
+    record = {p.key: p.value for p in Q.quantize_weights(_toy(), ExportOptions(weights="int8", block_size=16)).metadata_props}
+    assert json.loads(record[Q.METADATA_KEY])["quantize_head"] is False
+
+
 # -- errors ------------------------------------------------------------------------------
 
 

@@ -85,6 +85,8 @@ def test_cli_verify_and_errors(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(ck), "-o", str(tmp_path / "f"), "--float-head"]) == 2
     assert "--weights int8/int4" in capsys.readouterr().err and not (tmp_path / "f").exists()
+    assert main(["export", str(ck), "-o", str(tmp_path / "f"), "--quantize-head"]) == 2
+    assert "--quantize-head applies to --weights int8/int4" in capsys.readouterr().err and not (tmp_path / "f").exists()
     assert main(["export", str(ck), "-o", str(tmp_path / "g"), "--attention-op", "fast"]) == 2
     assert "--attention-op must be one of auto" in capsys.readouterr().err and not (tmp_path / "g").exists()
 

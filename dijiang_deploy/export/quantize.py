@@ -280,7 +280,7 @@ def _record(
         "bits": bits,
         "block_size": options.block_size,
         "symmetric": options.symmetric is not False,
-        "quantize_head": bool(options.quantize_head),
+        "quantize_head": options.head_quantized,
         "quantized_matmuls": len(selected),
         "per_layer": round(sum(1 for w in selected if w.role != "head") / layers, 2),
         "roles": roles,
@@ -347,7 +347,7 @@ def quantize_weights(
         raise ExportError("the graph is already quantized")
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    selected, skipped = find_linear_weights(model, include_head=options.quantize_head, materialize=True)
+    selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True)
     for w in [w for w in selected if w.node in keep_float]:
         selected.remove(w)
         skipped[w.node] = "kept in floating point (keep_float)"
@@ -620,7 +620,7 @@ def qdq_weights(proto: onnx.ModelProto, options: "ExportOptions") -> onnx.ModelP
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < QDQ_MIN_OPSET:
         raise ExportError(f"Q/DQ weights need opset >= {QDQ_MIN_OPSET}, the graph has {opset}")
-    selected, skipped = find_linear_weights(model, include_head=options.quantize_head, materialize=True)
+    selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True)
     if not selected:
         raise ExportError("no linear-layer MatMul with a constant weight found: nothing to quantize")
     graph = model.graph
