@@ -104,9 +104,14 @@ def test_quantized_inline_export_runs(tmp_path):
 
     model = random_model("llama", seed=2)
     ref = export_model(model, tmp_path / "fp32", ExportOptions(attention_op="inline", logits="all"))
-    man = export_model(model, tmp_path / "int8", ExportOptions(attention_op="inline", logits="all", weights="int8"))
+    man = export_model(
+        model, tmp_path / "int8", ExportOptions(attention_op="inline", logits="all", weights="int8", quantize_head=True)
+    )
     assert man.weights == "int8" and man.quantization["quantized_matmuls"] == 4 * model.config.num_layers + 1
     assert man.quantization["roles"]["head"] == 1 and man.quantization["head_bits"] == 8
+    default = export_model(model, tmp_path / "int8-default", ExportOptions(attention_op="inline", weights="int8"))
+    assert default.quantization["quantized_matmuls"] == 4 * model.config.num_layers
+    assert "head" not in default.quantization["roles"] and default.quantization["quantize_head"] is False
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, 24))
     a = Generator.from_pretrained(tmp_path / "fp32").score(ids)
     b = Generator.from_pretrained(tmp_path / "int8").score(ids)
