@@ -64,7 +64,7 @@ class DiJiangAttention(nn.Module):
         the hot path.
         """
         self.decay = analyse_tables(self.D1, self.D2, self.rtol)
-        self.log_gamma = self.decay.log_gamma.to(torch.float32)
+        self.log_gamma = self.decay.log_gamma.to(device=self.D1.device, dtype=torch.float32)
         return self.decay
 
     @property

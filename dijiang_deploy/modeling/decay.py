@@ -64,8 +64,9 @@ def analyse_tables(d1: torch.Tensor, d2: torch.Tensor, rtol: float = 1e-3) -> De
     if d1.shape != d2.shape or d1.dim() != 4 or d1.shape[0] != 1 or d1.shape[-1] != 1:
         raise ValueError(f"decay tables must both be [1, H, T, 1], got {tuple(d1.shape)} and {tuple(d2.shape)}")
     info = torch.finfo(d1.dtype)
-    a = d1.detach().to(torch.float64)[0, :, :, 0]
-    b = d2.detach().to(torch.float64)[0, :, :, 0]
+    # On the CPU whatever the tables' device: read once at load, never on the hot path.
+    a = d1.detach().to(device="cpu", dtype=torch.float64)[0, :, :, 0]
+    b = d2.detach().to(device="cpu", dtype=torch.float64)[0, :, :, 0]
     num_heads, length = a.shape
     t = torch.arange(length, dtype=torch.float64)
     # Rounding alone makes a product of two stored values off by ~2 eps.
