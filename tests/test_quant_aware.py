@@ -29,6 +29,7 @@ from dijiang_deploy.finetune.quant_aware import (
 )
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.testing import random_model
+from _support import finetune_cli_config
 from _tiny_student import sentences, small_config, tiny_student
 
 INT4 = QuantAwareConfig(bits=4, block_size=32, symmetric=False)
@@ -286,30 +287,9 @@ def test_a_checkpoint_edited_after_the_fine_tune_is_calibrated_as_usual(runs, tm
 
 
 def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
-    import argparse
-
-    from dijiang_deploy.finetune import api
-    from dijiang_deploy.finetune.cli import add_parsers
-
-    seen = {}
-
-    def fake(*args, config=None, **kwargs):
-        seen["grid"] = config.quant_aware
-        raise SystemExit(0)
-
-    monkeypatch.setattr(api, "finetune", fake)
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-
-    def run(*flags: str) -> None:
-        args = parser.parse_args(["finetune", str(tmp_path), "-o", str(tmp_path / "o"), *flags])
-        with pytest.raises(SystemExit):
-            args.func(args)
-
-    run("--quant-aware", "int4", "--quant-block-size", "64", "--quant-symmetric", "--quant-start", "0.25",
-        "--no-quant-calibrate")
-    assert seen["grid"] == QuantAwareConfig(bits=4, block_size=64, symmetric=True, calibrate=False, start=0.25)
-    run()
-    assert seen["grid"] is None
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "--quant-aware", "int4", "--quant-block-size", "64",
+                              "--quant-symmetric", "--quant-start", "0.25", "--no-quant-calibrate")
+    assert cfg.quant_aware == QuantAwareConfig(bits=4, block_size=64, symmetric=True, calibrate=False, start=0.25)
+    assert finetune_cli_config(monkeypatch, tmp_path).quant_aware is None
     with pytest.raises(DiJiangError, match="start"):
-        run("--quant-aware", "int8", "--quant-start", "1.5")
+        finetune_cli_config(monkeypatch, tmp_path, "--quant-aware", "int8", "--quant-start", "1.5")

@@ -107,8 +107,8 @@ class DataConfig:
 
 
 #: Training tokens kept when the teacher runs online (nothing cached): about
-#: all of the built-in local text (~3M characters) on a GPU, where a step
-#: costs a hundredth of a 2-core CPU's. Not tuned on hardware yet.
+#: all of the built-in local text (~3M characters), for a GPU's much higher
+#: step rate. A starting point, not measured or tuned on hardware yet.
 ONLINE_MAX_TOKENS = 1 << 20
 #: Teacher-written answers, relative to the CPU default, when online.
 ONLINE_GENERATED_SCALE = 8
@@ -217,9 +217,10 @@ class FinetuneConfig:
             ``online`` runs it on every batch instead (no cache, so the data
             is not capped by memory: see :data:`ONLINE_MAX_TOKENS`);
             ``auto``: ``cache`` on the CPU, ``online`` on a GPU, where a
-            teacher forward costs little next to the step and a step is
-            ~100x faster than on 2 CPU cores, so the CPU-sized data would be
-            seen hundreds of times.
+            teacher forward costs little next to the step and steps are
+            expected to be orders of magnitude faster than on 2 CPU cores
+            (an estimate from FLOPs, not measured yet), so the CPU-sized
+            data would be seen many times over.
     """
 
     budget_minutes: float = 9.0

@@ -31,6 +31,7 @@ every ``s * j``. Symmetric grids do not nest this way.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ from torch import nn
 
 from ..errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
+
+log = logging.getLogger(__name__)
 
 #: Key of the record in ``config.json["dijiang_finetune"]`` that the exporter reads.
 RECORD_KEY = "quant_aware"
@@ -175,6 +178,8 @@ def snap_to_grid(weight: torch.Tensor, axis: int, cfg: QuantAwareConfig, rounds:
         if float((again - w).abs().max()) <= ON_GRID_TOLERANCE:
             return again
         w = again
+    # The export re-checks the weights and calibrates instead if they are off the grid.
+    log.warning("weight rounding did not reach a fixed point after %d extra roundings", rounds)
     return w
 
 

@@ -87,10 +87,9 @@ class TeacherCache(TeacherBatches):
 class OnlineTeacher(TeacherBatches):
     """The teacher run on each requested batch, on the training device.
 
-    Costs one teacher forward per call (two per stage-1/refit step is never
-    needed: each step asks once), in exchange for no cache: ``layers * 2 *
-    hidden * 2`` bytes per training token (69 KB for SmolLM2) is what bounds
-    the cached data on a host. Values are rounded like the cache's (bf16
+    Each call is one teacher forward (a training step makes one call), in
+    exchange for no cache: ``layers * 2 * hidden * 2`` bytes per training
+    token (69 KB for SmolLM2) is what bounds the cached data on a host. Values are rounded like the cache's (bf16
     hidden states, float16 logits) so both paths train on the same numbers.
 
     Args:
