@@ -9,6 +9,12 @@ the ``(K, N)`` of each node, so pass the model's sizes if it is not SmolLM2.
 Used for the accuracy-level table of docs/quantization.md:
 
     python benchmarks/accuracy_levels.py EXPORT_DIR CHECKPOINT_DIR
+
+``--write-body-level LEVEL OUT_DIR`` instead writes a copy of the export with
+every body node (not the LM head) at ``LEVEL``, to time with
+``compare_exports.py`` (how the int8 float-activation speeds were measured):
+
+    python benchmarks/accuracy_levels.py EXPORT_DIR CHECKPOINT_DIR --write-body-level 0 /tmp/int8_l0
 """
 
 from __future__ import annotations
@@ -38,26 +44,43 @@ def roles(hidden: int, qkvg: int, inter: int, vocab: int) -> dict[tuple[int, int
     }
 
 
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next(int(a.i) for a in node.attribute if a.name == name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir")
     parser.add_argument("checkpoint")
     parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--write-body-level", nargs=2, metavar=("LEVEL", "OUT_DIR"),
+                        help="write a copy with the body's nodes at LEVEL (0..4) and stop")
     args = parser.parse_args()
     model = load_model(args.checkpoint)
     cfg = model.config
     kv = cfg.num_kv_heads * cfg.head_dim
     role_of = roles(cfg.hidden_size, 2 * cfg.hidden_size + 2 * kv, cfg.intermediate_size, cfg.vocab_size)
     src = Path(args.export_dir)
+    if args.write_body_level:
+        level, out = int(args.write_body_level[0]), Path(args.write_body_level[1])
+        if level not in range(5) or out.exists():
+            parser.error(f"LEVEL must be 0..4 and {out} must not exist")
+        m = onnx.load(str(src / "model.onnx"))
+        for node in m.graph.node:
+            if node.op_type == "MatMulNBits" and role_of.get((_attr(node, "K"), _attr(node, "N"))) != "LM head":
+                for a in node.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = level
+        shutil.copytree(src, out)
+        onnx.save(m, str(out / "model.onnx"))
+        print(f"wrote {out}: body nodes at accuracy level {level}")
+        return
     gen = Generator.from_pretrained(src)
     text = resources.files("dijiang_deploy.finetune").joinpath("data/heldout.txt").read_text()
     ids = np.array([gen.tokenizer.encode(text, add_special_tokens=False)[: args.tokens]], dtype=np.int64)
     with torch.no_grad():
         want = model(torch.from_numpy(ids), mode="chunked").logits.float().numpy()
     base = onnx.load(str(src / "model.onnx"))
-
-    def attr(node: onnx.NodeProto, name: str) -> int:
-        return next(int(a.i) for a in node.attribute if a.name == name)
 
     variants = {"none (all level 4)": set(), "all": set(role_of.values())}
     variants |= {f"{r} only": {r} for r in role_of.values()}
@@ -66,7 +89,7 @@ def main() -> None:
             m = onnx.ModelProto()
             m.CopyFrom(base)
             for node in m.graph.node:
-                if node.op_type == "MatMulNBits" and role_of.get((attr(node, "K"), attr(node, "N"))) in level0:
+                if node.op_type == "MatMulNBits" and role_of.get((_attr(node, "K"), _attr(node, "N"))) in level0:
                     for a in node.attribute:
                         if a.name == "accuracy_level":
                             a.i = 0
