@@ -20,6 +20,7 @@ every body node (not the LM head) at ``LEVEL``, to time with
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from importlib import resources
@@ -30,6 +31,8 @@ import onnx
 import torch
 
 from dijiang_deploy.checkpoint import load_model
+from dijiang_deploy.export.manifest import MANIFEST_NAME
+from dijiang_deploy.export.quantize import METADATA_KEY
 from dijiang_deploy.runtime import Generator
 
 
@@ -71,8 +74,15 @@ def main() -> None:
                 for a in node.attribute:
                     if a.name == "accuracy_level":
                         a.i = level
+        # The copy's records must name the level its body now runs at.
+        for prop in m.metadata_props:
+            if prop.key == METADATA_KEY:
+                prop.value = json.dumps(json.loads(prop.value) | {"accuracy_level": level}, sort_keys=True)
         shutil.copytree(src, out)
         onnx.save(m, str(out / "model.onnx"))
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        manifest["quantization"]["accuracy_level"] = level
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"wrote {out}: body nodes at accuracy level {level}")
         return
     gen = Generator.from_pretrained(src)

@@ -199,3 +199,30 @@ def test_rounds_are_merged_by_median():
     single = record(1.0, 1.0, 1)
     assert merge_rounds([single]) is single
     assert main(["bench", "--rounds", "0", "--quick"]) == 2  # one-line error, exit 2
+
+
+def test_kv_export_all_logits_scores_every_position(tmp_path):
+    """``all_logits`` (the int8 yardstick's teacher-forced scoring) returns the
+    logits of every new position, equal to transformers' own; the default the
+    benchmark uses returns the last one."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from dijiang_deploy.bench.kv_export import KV_MODEL, export_kv_model, kv_geometry, load_hf_base
+
+    model = load_hf_base("tiny", seed=3)
+    geo = kv_geometry(model.config)
+    ids = np.array([[5, 9, 2, 7, 1, 4]], np.int64)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    empty = np.zeros((1, geo["kv_heads"], 0, geo["head_dim"]), np.float32)
+    feeds = {"input_ids": ids, "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+    feeds |= {f"past_{kind}.{i}": empty for i in range(geo["num_layers"]) for kind in "kv"}
+    for all_logits in (True, False):
+        folder = tmp_path / str(all_logits)
+        export_kv_model(model, folder, base="tiny", all_logits=all_logits)
+        got = ort.InferenceSession(str(folder / KV_MODEL), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+        expected = want if all_logits else want[:, -1:]
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

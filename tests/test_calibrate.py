@@ -212,3 +212,28 @@ def test_quantize_export_equals_uncalibrated_export(tmp_path):
     with pytest.raises(ExportError, match="float32 export"):
         Q.quantize_export(tmp_path / "q", tmp_path / "qq", ExportOptions(weights="int8"))
     assert not (tmp_path / "qq").exists()
+
+
+def test_quantize_export_keeps_named_nodes_float(tmp_path):
+    """``keep_float`` (mixed-precision studies) leaves exactly those MatMuls in
+    float32, with their weights untouched, and the export still runs."""
+    from onnx import numpy_helper
+
+    model = random_model("llama", seed=5)
+    export_model(model, tmp_path / "fp32", ExportOptions(logits="all"))
+    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    selected, _ = Q.find_linear_weights(fp32)
+    keep = [w for w in selected if w.weight.startswith("layers.0.")]
+    assert keep and len(keep) < len(selected)
+    record = Q.quantize_export(tmp_path / "fp32", tmp_path / "q", ExportOptions(weights="int8"), keep_float=[w.node for w in keep])
+    assert record["quantized_matmuls"] == len(selected) - len(keep)
+    quant = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    by_name = {n.name: n for n in quant.graph.node}
+    inits = {t.name: t for t in quant.graph.initializer}
+    orig = {t.name: t for t in fp32.graph.initializer}
+    for w in keep:
+        assert by_name[w.node].op_type == "MatMul"
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[w.weight]), numpy_helper.to_array(orig[w.weight]))
+    assert sum(n.op_type == "MatMulNBits" for n in quant.graph.node) == len(selected) - len(keep)
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, size=(1, 12))
+    assert np.isfinite(Generator.from_pretrained(tmp_path / "q").score(ids)).all()

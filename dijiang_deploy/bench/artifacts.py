@@ -132,7 +132,8 @@ def prepare(
             meta_path = folder / KV_META
             fresh = meta_path.exists() and (folder / KV_MODEL).exists()
             if fresh:
-                fresh = json.loads(meta_path.read_text()).get("base") == source
+                meta = json.loads(meta_path.read_text())
+                fresh = meta.get("base") == source and not meta.get("all_logits", False)
             if not fresh:
                 _progress("exporting the softmax model with a KV cache")
                 try:

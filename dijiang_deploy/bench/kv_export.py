@@ -24,10 +24,11 @@ KV_MODEL = "model.onnx"
 class _KvStep(nn.Module):
     """Flat-tensor wrapper: (ids, positions, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, all_logits: bool = False):
         super().__init__()
         self.model = model
         self.num_layers = int(model.config.num_hidden_layers)
+        self.logits_to_keep = 0 if all_logits else 1  # transformers: 0 keeps every position
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the model on ``input_ids`` after the cached ``past``; return logits and the grown cache."""
@@ -35,7 +36,7 @@ class _KvStep(nn.Module):
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=self.logits_to_keep
         )
         flat: list[torch.Tensor] = []
         for layer in out.past_key_values.layers:
@@ -85,19 +86,23 @@ def load_hf_base(source: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def export_kv_model(model: nn.Module, out_dir: str | Path, base: str = "", opset: int = 21) -> Path:
+def export_kv_model(
+    model: nn.Module, out_dir: str | Path, base: str = "", opset: int = 21, all_logits: bool = False
+) -> Path:
     """Export ``model`` (a transformers Llama-family causal LM) with a KV cache.
 
     Writes ``model.onnx`` and ``kv_meta.json`` into ``out_dir``; returns the
     ``.onnx`` path. Batch is fixed at 1 (what the benchmark measures); the
     new-token and past lengths are dynamic. ``base`` (how the model was
     named to :func:`load_hf_base`) is recorded so the folder can be reused.
+    ``all_logits``: return ``logits [1, L, V]`` for every new position instead
+    of the last one (to score a text teacher-forced in one call).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     geo = kv_geometry(model.config)
     n = geo["num_layers"]
-    step = _KvStep(model).eval()
+    step = _KvStep(model, all_logits).eval()
     past = [torch.zeros(1, geo["kv_heads"], 5, geo["head_dim"]) for _ in range(2 * n)]
     example = (torch.ones(1, 3, dtype=torch.int64), torch.arange(5, 8)[None], *past)
     seq = torch.export.Dim("sequence", min=1, max=16384)
@@ -121,6 +126,6 @@ def export_kv_model(model: nn.Module, out_dir: str | Path, base: str = "", opset
         )
     path = out / KV_MODEL
     program.save(str(path))
-    meta = dict(geo, base=base, inputs=names_in, outputs=names_out)
+    meta = dict(geo, base=base, inputs=names_in, outputs=names_out, all_logits=all_logits)
     (out / KV_META).write_text(json.dumps(meta, indent=2) + "\n")
     return path

@@ -731,7 +731,11 @@ def check_quantized_export(folder: str | Path) -> dict[str, Any] | None:
 
 
 def quantize_export(
-    src: str | Path, dst: str | Path, options: "ExportOptions", overwrite: bool = False
+    src: str | Path,
+    dst: str | Path,
+    options: "ExportOptions",
+    overwrite: bool = False,
+    keep_float: Collection[str] = (),
 ) -> dict[str, Any]:
     """Quantize an existing float32 export folder into ``dst`` without re-tracing.
 
@@ -739,8 +743,9 @@ def quantize_export(
     calibrate=False)``: there is no PyTorch model here to calibrate with, so
     the weights are rounded as they are (export from the checkpoint for the
     calibrated, more accurate graph). ``symmetric=None`` follows the same
-    per-flavor rule as ``export_model``. The manifest is copied with
-    ``weights``, ``quantization`` and ``decode_ops_per_layer`` updated.
+    per-flavor rule as ``export_model``. ``keep_float``: node names left in
+    floating point (see :func:`quantize_weights`). The manifest is copied
+    with ``weights``, ``quantization`` and ``decode_ops_per_layer`` updated.
     Returns the quantization record.
     """
     import dataclasses
@@ -758,7 +763,7 @@ def quantize_export(
     if options.symmetric is None:
         options = dataclasses.replace(options, symmetric=auto_symmetric(options.weight_format, manifest.flavor))
     model = onnx.load(str(src / manifest.model_file))
-    quant = quantize_weights(model, options)
+    quant = quantize_weights(model, options, keep_float=keep_float)
     manifest.weights = options.weight_format
     manifest.quantization = {k: v for k, v in (quantization_info(quant) or {}).items() if k != "quantized_nodes"}
     manifest.decode_ops_per_layer = decode_op_counts(quant, manifest.num_layers)
