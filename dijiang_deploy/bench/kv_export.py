@@ -2,7 +2,7 @@
 
 The graph takes ``input_ids [1, L]``, ``position_ids [1, L]`` and
 ``past_k.{i}/past_v.{i} [1, kv_heads, P, d]`` (P >= 0) and returns
-``logits [1, 1, V]`` (last position) and ``present_k.{i}/present_v.{i}``
+``logits [1, 1, V]`` (last position; every position with ``all_logits``) and ``present_k.{i}/present_v.{i}``
 ``[1, kv_heads, P + L, d]``: the usual past/present layout of KV-cache ONNX
 exports, produced here by the torch dynamo exporter from the unmodified
 transformers model (attention through ``DynamicCache``, SDPA kernel).
@@ -36,7 +36,11 @@ class _KvStep(nn.Module):
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=self.logits_to_keep
+            input_ids=input_ids,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=self.logits_to_keep,
         )
         flat: list[torch.Tensor] = []
         for layer in out.past_key_values.layers:
