@@ -37,7 +37,15 @@ def _set(cfg: FinetuneConfig, assignment: str) -> None:
     target = getattr(cfg, section, None)
     if target is None or not field or not hasattr(target, field):
         raise SystemExit(f"--set {assignment!r}: expected SECTION.FIELD=VALUE, e.g. stage1.fraction=0.7")
-    setattr(target, field, type(getattr(target, field))(value))
+    current = getattr(target, field)
+    if isinstance(current, bool):  # bool("false") is True
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--set {assignment!r}: {field} takes true or false")
+        setattr(target, field, value.lower() in ("true", "1"))
+    elif current is None:
+        raise SystemExit(f"--set {assignment!r}: {field} has no default to take its type from")
+    else:
+        setattr(target, field, type(current)(value))
 
 
 def _windows(checkpoint: str) -> tuple[list[torch.Tensor], object]:
