@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, convert the embedded SmolLM2-135M to
 # DiJiang, fine-tune it briefly (attention transfer with rank-16 adapters, CPU),
-# export to ONNX, and
-# generate text on CPU with ONNX Runtime.
+# export to ONNX, and generate text on CPU with ONNX Runtime.
 #
 #   bash scripts/demo.sh ["your prompt"]
 #

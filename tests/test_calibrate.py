@@ -237,3 +237,8 @@ def test_quantize_export_keeps_named_nodes_float(tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in quant.graph.node) == len(selected) - len(keep)
     ids = np.random.default_rng(3).integers(0, model.config.vocab_size, size=(1, 12))
     assert np.isfinite(Generator.from_pretrained(tmp_path / "q").score(ids)).all()
+    from dijiang_deploy.errors import ExportError
+
+    with pytest.raises(ExportError, match="not quantizable linear MatMuls: no_such_node"):
+        Q.quantize_export(tmp_path / "fp32", tmp_path / "bad", ExportOptions(weights="int8"), keep_float=["no_such_node"])
+    assert not (tmp_path / "bad").exists()

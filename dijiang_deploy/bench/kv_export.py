@@ -2,10 +2,11 @@
 
 The graph takes ``input_ids [1, L]``, ``position_ids [1, L]`` and
 ``past_k.{i}/past_v.{i} [1, kv_heads, P, d]`` (P >= 0) and returns
-``logits [1, 1, V]`` (last position; every position with ``all_logits``) and ``present_k.{i}/present_v.{i}``
-``[1, kv_heads, P + L, d]``: the usual past/present layout of KV-cache ONNX
-exports, produced here by the torch dynamo exporter from the unmodified
-transformers model (attention through ``DynamicCache``, SDPA kernel).
+``logits [1, 1, V]`` (last position; ``[1, L, V]`` with ``all_logits``) and
+``present_k.{i}/present_v.{i}`` ``[1, kv_heads, P + L, d]``: the usual
+past/present layout of KV-cache ONNX exports, produced here by the torch
+dynamo exporter from the unmodified transformers model (attention through
+``DynamicCache``, SDPA kernel).
 """
 
 from __future__ import annotations

@@ -327,7 +327,8 @@ def quantize_weights(
         accuracy_level: ``MatMulNBits`` compute precision hint (default:
             :data:`DEFAULT_ACCURACY_LEVEL` for the bit width).
         keep_float: node names (as :func:`find_linear_weights` reports them)
-            to leave in floating point (mixed precision, sensitivity studies).
+            to leave in floating point (mixed precision, sensitivity studies);
+            a name that is not one of them is an error.
         head_accuracy_level: the LM head's level when it is quantized at a
             different bit width than the body (None: ``accuracy_level``, or
             the default for the head's bits).
@@ -348,6 +349,11 @@ def quantize_weights(
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True)
+    unknown = sorted(set(keep_float) - {w.node for w in selected})
+    if unknown:
+        raise ExportError(
+            f"keep_float names {len(unknown)} node(s) that are not quantizable linear MatMuls: {', '.join(unknown[:5])}"
+        )
     for w in [w for w in selected if w.node in keep_float]:
         selected.remove(w)
         skipped[w.node] = "kept in floating point (keep_float)"

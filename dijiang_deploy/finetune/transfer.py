@@ -89,8 +89,9 @@ class OnlineTeacher(TeacherBatches):
 
     Each call is one teacher forward (a training step makes one call), in
     exchange for no cache: ``layers * 2 * hidden * 2`` bytes per training
-    token (69 KB for SmolLM2) is what bounds the cached data on a host. Values are rounded like the cache's (bf16
-    hidden states, float16 logits) so both paths train on the same numbers.
+    token (69 KB for SmolLM2) is what bounds the cached data on a host.
+    Values are rounded like the cache's (bf16 hidden states, float16 logits)
+    so both paths train on the same numbers.
 
     Args:
         teacher: the softmax teacher, already on ``device``.
