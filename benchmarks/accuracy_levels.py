@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import torch
 
+from dijiang_deploy.atomic import atomic_dir
 from dijiang_deploy.checkpoint import load_model
 from dijiang_deploy.export.manifest import MANIFEST_NAME
 from dijiang_deploy.export.quantize import METADATA_KEY
@@ -65,24 +66,29 @@ def main() -> None:
     role_of = roles(cfg.hidden_size, 2 * cfg.hidden_size + 2 * kv, cfg.intermediate_size, cfg.vocab_size)
     src = Path(args.export_dir)
     if args.write_body_level:
-        level, out = int(args.write_body_level[0]), Path(args.write_body_level[1])
-        if level not in range(5) or out.exists():
-            parser.error(f"LEVEL must be 0..4 and {out} must not exist")
+        level_text, out = args.write_body_level[0], Path(args.write_body_level[1])
+        if level_text not in {str(i) for i in range(5)} or out.exists():
+            parser.error(f"LEVEL must be 0..4 (got {level_text!r}) and {out} must not exist")
+        level = int(level_text)
+        manifest = json.loads((src / MANIFEST_NAME).read_text())
         m = onnx.load(str(src / "model.onnx"))
-        for node in m.graph.node:
-            if node.op_type == "MatMulNBits" and role_of.get((_attr(node, "K"), _attr(node, "N"))) != "LM head":
-                for a in node.attribute:
-                    if a.name == "accuracy_level":
-                        a.i = level
+        body = [n for n in m.graph.node
+                if n.op_type == "MatMulNBits" and role_of.get((_attr(n, "K"), _attr(n, "N"))) != "LM head"]
+        if not body or not manifest.get("quantization"):
+            parser.error(f"{src}: not an int8/int4 export (no quantized body nodes)")
+        for node in body:
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
         # The copy's records must name the level its body now runs at.
         for prop in m.metadata_props:
             if prop.key == METADATA_KEY:
                 prop.value = json.dumps(json.loads(prop.value) | {"accuracy_level": level}, sort_keys=True)
-        shutil.copytree(src, out)
-        onnx.save(m, str(out / "model.onnx"))
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
         manifest["quantization"]["accuracy_level"] = level
-        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        with atomic_dir(out) as tmp:  # nothing half-written if this fails
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            onnx.save(m, str(tmp / "model.onnx"))
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"wrote {out}: body nodes at accuracy level {level}")
         return
     gen = Generator.from_pretrained(src)

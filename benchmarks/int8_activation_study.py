@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dijiang_deploy.checkpoint import load_model
+from dijiang_deploy.errors import DiJiangError
 from dijiang_deploy.export import calibrate
 from dijiang_deploy.finetune.data import heldout_text, load_tokenizer
 
@@ -91,8 +92,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=32)
     args = parser.parse_args()
+    if args.tokens < 2:
+        parser.error("--tokens must be >= 2")
     torch.set_num_threads(2)
-    model = load_model(args.checkpoint)
+    try:
+        model = load_model(args.checkpoint)
+    except DiJiangError as exc:
+        parser.error(str(exc))
+    widths = {model.config.hidden_size, model.config.intermediate_size}
+    if args.block_size < 1 or any(w % args.block_size for w in widths):
+        parser.error(f"--block-size must divide the layer widths {sorted(widths)}, got {args.block_size}")
     tok = load_tokenizer(args.checkpoint, model.config.vocab_size)
     ids = torch.tensor([tok.encode(heldout_text())[: args.tokens]])
 

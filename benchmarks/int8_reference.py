@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.tokens < 2 or args.threads < 1:
+        parser.error("--tokens must be >= 2 and --threads >= 1")
     from transformers import AutoTokenizer
 
     from dijiang_deploy.convert import embedded_model_path
