@@ -5,7 +5,7 @@ node: ~140 nodes per layer after ONNX Runtime's rewrites, mostly shape
 arithmetic, transposes and casts around rotary, GQA and the recurrence, plus a
 ``Scan`` for ``LinearAttention``. On a CPU decoding one token those small
 nodes cost more than the matrix products of a quantized model. This builder
-writes the same function with ~50 nodes per layer:
+writes the same function with far fewer nodes:
 
 * fused projections: one ``MatMul`` for q|k|v|W_G, one for the MLP's
   gate|up (the quantizer still sees plain ``[K, N]`` weights);
@@ -14,7 +14,10 @@ writes the same function with ~50 nodes per layer:
 * grouped-query heads broadcast inside ``MatMul`` (``[B, KV, G, L, d]``)
   instead of expanding k and v;
 * the chunked recurrence of spec section 5 in plain ``MatMul``/``Exp`` ops,
-  its per-token decay factors for all layers computed once per step.
+  its per-token decay factors for all layers computed once per step;
+* one ``If`` per layer: a one-token step (decode) skips the chunk form and
+  computes ``o = phi(q) S_new`` with reshapes instead of transposes (~38
+  instead of ~49 nodes per layer on the decode path, 3-5% faster steps).
 
 Same inputs, outputs and numerics as the traced graph (tested against the
 PyTorch reference); geometric decay only (the general D1/D2 form keeps the
@@ -60,6 +63,21 @@ class _Graph:
 
     def ints(self, name: str, values) -> str:
         return self.const(name, np.asarray(values, dtype=np.int64))
+
+    def branch(self, name: str, build) -> onnx.GraphProto:
+        """A subgraph of the nodes ``build()`` adds; it returns the output names.
+
+        Initializers made meanwhile stay in the main graph (outer scope), so
+        both branches of an ``If`` read the same copy.
+        """
+        outer, self.nodes = self.nodes, []
+        try:
+            outs = build()
+            nodes = self.nodes
+        finally:
+            self.nodes = outer
+        values = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
+        return helper.make_graph(nodes, name, [], values)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -124,6 +142,12 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     cnt_m = g.op("Unsqueeze", cnt, g.ints("ax_m", [1, 2, 3]), name="count_m")  # [B,1,1,1,L]
     mask_m = g.op("Unsqueeze", mask, g.ints("ax_mm", [1, 2, 3]), name="mask_m")  # [B,1,1,1,L]
     t_len = g.op("Shape", mask_i, start=1, end=2, name="t_len")
+    # A one-token step (decode) takes the If's first branch, which skips the
+    # chunk machinery: with L = 1 the [L, L] decay is 1 (or 0 for a padded
+    # token, whose k is masked anyway), so o = phi(q) S_new exactly, and the
+    # head split needs reshapes, not transposes.
+    single = g.op("Squeeze", g.op("Equal", t_len, g.ints("one_len", [1])), name="single_token")
+    mask_1 = g.op("Reshape", mask, g.ints("mask_1_shape", [-1, 1, 1, 1, 1]), name="mask_1")  # [B,1,1,1,1] when L=1
     ones = g.op("ConstantOfShape", g.op("Concat", t_len, t_len, axis=0),
                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
     causal = g.op("Mul", g.op("Trilu", ones, upper=0), mask_m, name="causal")  # m <= t, m real
@@ -166,6 +190,10 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     gn_groups = cfg.head_dim  # num_groups = head size (spec section 2)
     gn_shape = g.ints("gn_split", [0, 0, gn_groups, big_d // gn_groups])
     merged = g.ints("merged", [0, 0, big_d])
+    q1_shape = g.ints("q_step", [-1, kv, grp, 1, d])
+    k1_shape = g.ints("k_step", [-1, kv, 1, d, 1])
+    v1_shape = g.ints("v_step", [-1, kv, 1, 1, d])
+    gn1_shape = g.ints("gn_step", [-1, 1, gn_groups, big_d // gn_groups])
     gn_ones = g.const("gn_unit", np.ones(big_d // gn_groups, np.float32))
 
     for i, layer in enumerate(layers):
@@ -195,32 +223,48 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
         p = g.const(f"{tag}.attn.proj_matrix", _np(attn.proj_matrix))
         phi = g.op("Softmax", g.op("MatMul", g.op("Reshape", qk, qk_shape), p), axis=-1, name=f"{tag}.phi")
         fq, fk = g.op("Split", phi, g.ints(f"{tag}.qk_heads", [h_, kv]), axis=2, outputs=2, name=f"{tag}.phi_qk")
-        q5 = g.op("Transpose", g.op("Reshape", fq, q_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.q")  # [B,KV,G,L,d]
-        kt5 = g.op("Transpose", g.op("Reshape", fk, kv_shape), perm=[0, 2, 3, 4, 1], name=f"{tag}.kT")  # [B,KV,1,d,L]
-        v5 = g.op("Transpose", g.op("Reshape", v, kv_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.v")  # [B,KV,1,L,d]
-        s0 = g.op("Reshape", f"past_state.{i}", state_shape, name=f"{tag}.s0")
+        s0 = g.op("Reshape", f"past_state.{i}", state_shape, name=f"{tag}.s0")  # [B,KV,G,d,d]
         idx = g.const(f"{tag}.index", np.int64(i))
-        gamma_q, gamma_k, gamma_s = (
-            g.op("Gather", t, idx, axis=0, name=f"{tag}.{n}")
-            for t, n in ((decay_q, "decay_q"), (decay_k, "decay_k"), (decay_s, "decay_s"))
-        )
-        # The [L, L] factors per layer, not stacked for all layers: a stacked
-        # [layers, B, H, L, L] tensor would reach gigabytes at long chunks.
-        lg_i = g.const(f"{tag}.log_gamma", log_gamma[i])  # [KV,G,1,1]
-        gamma_tt = g.op("Exp", g.op("Mul", diff, lg_i), name=f"{tag}.decay_tt")  # [B,KV,G,L,L]
-        scores = g.op("Mul", g.op("MatMul", q5, kt5), gamma_tt, name=f"{tag}.scores")
-        o = g.op(
-            "Add",
-            g.op("MatMul", scores, v5),
-            g.op("Mul", g.op("MatMul", q5, s0), gamma_q),
-            name=f"{tag}.o",
-        )
-        update = g.op("MatMul", g.op("Mul", kt5, gamma_k), v5, name=f"{tag}.update")
-        s_new = g.op("Add", g.op("Mul", s0, gamma_s), update, name=f"{tag}.s_new")
+        gamma_s = g.op("Gather", decay_s, idx, axis=0, name=f"{tag}.decay_s")
+
+        def one_token(tag=tag, fq=fq, fk=fk, v=v, s0=s0, gamma_s=gamma_s):
+            q1 = g.op("Reshape", fq, q1_shape, name=f"{tag}.step.q")  # [B,KV,G,1,d]
+            k1 = g.op("Mul", g.op("Reshape", fk, k1_shape), mask_1, name=f"{tag}.step.kT")  # [B,KV,1,d,1]
+            v1 = g.op("Reshape", v, v1_shape, name=f"{tag}.step.v")  # [B,KV,1,1,d]
+            s_new = g.op("Add", g.op("Mul", s0, gamma_s), g.op("MatMul", k1, v1), name=f"{tag}.step.s_new")
+            o = g.op("Reshape", g.op("MatMul", q1, s_new), gn1_shape, name=f"{tag}.step.o_groups")
+            return [o, s_new]
+
+        def chunk(tag=tag, i=i, fq=fq, fk=fk, v=v, s0=s0, gamma_s=gamma_s, idx=idx):
+            q5 = g.op("Transpose", g.op("Reshape", fq, q_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.q")  # [B,KV,G,L,d]
+            kt5 = g.op("Transpose", g.op("Reshape", fk, kv_shape), perm=[0, 2, 3, 4, 1], name=f"{tag}.kT")  # [B,KV,1,d,L]
+            v5 = g.op("Transpose", g.op("Reshape", v, kv_shape), perm=[0, 2, 3, 1, 4], name=f"{tag}.v")  # [B,KV,1,L,d]
+            gamma_q = g.op("Gather", decay_q, idx, axis=0, name=f"{tag}.decay_q")
+            gamma_k = g.op("Gather", decay_k, idx, axis=0, name=f"{tag}.decay_k")
+            # The [L, L] factors per layer, not stacked for all layers: a stacked
+            # [layers, B, H, L, L] tensor would reach gigabytes at long chunks.
+            lg_i = g.const(f"{tag}.log_gamma", log_gamma[i])  # [KV,G,1,1]
+            gamma_tt = g.op("Exp", g.op("Mul", diff, lg_i), name=f"{tag}.decay_tt")  # [B,KV,G,L,L]
+            scores = g.op("Mul", g.op("MatMul", q5, kt5), gamma_tt, name=f"{tag}.scores")
+            o = g.op(
+                "Add",
+                g.op("MatMul", scores, v5),
+                g.op("Mul", g.op("MatMul", q5, s0), gamma_q),
+                name=f"{tag}.o",
+            )
+            update = g.op("MatMul", g.op("Mul", kt5, gamma_k), v5, name=f"{tag}.update")
+            s_new = g.op("Add", g.op("Mul", s0, gamma_s), update, name=f"{tag}.s_new")
+            # Heads merged ([B, L, H*d], head-major), split into GroupNorm's groups.
+            o = g.op("Reshape", g.op("Transpose", o, perm=[0, 3, 1, 2, 4]), gn_shape, name=f"{tag}.o_groups")
+            return [o, s_new]
+
+        o, s_new = g.op(
+            "If", single, outputs=2, name=f"{tag}.core",
+            then_branch=g.branch(f"{tag}.one_token", one_token), else_branch=g.branch(f"{tag}.chunk", chunk),
+        )  # o: [B, L, d, H] (GroupNorm groups), s_new: [B, KV, G, d, d]
         g.op("Reshape", s_new, state_out_shape, name=f"present_state.{i}")
-        # Merge heads ([B, L, H*d], head-major), GroupNorm(num_groups = d) as a
-        # LayerNormalization over each group of H consecutive channels.
-        o = g.op("Reshape", g.op("Transpose", o, perm=[0, 3, 1, 2, 4]), gn_shape, name=f"{tag}.o_groups")
+        # GroupNorm(num_groups = d) as a LayerNormalization over each group of H
+        # consecutive channels.
         gn = attn.group_norm
         o = g.op("Reshape", g.op("LayerNormalization", o, gn_ones, axis=-1, epsilon=float(gn.eps)), merged)
         o = g.op("Add", g.op("Mul", o, g.const(f"{tag}.gn.weight", _np(gn.weight))), g.const(f"{tag}.gn.bias", _np(gn.bias)))
