@@ -163,13 +163,25 @@ def ort_cuda() -> None:
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
 
 
-@pytest.mark.parametrize("flavor", ["linear-attention", "function"])
-def test_onnxruntime_cuda_provider_matches_cpu(ort_cuda, exports, ort_generator, flavor: str) -> None:
+@pytest.fixture(scope="module")
+def inline_export(tmp_path_factory) -> Path:
+    """The ONNX-Runtime-only graph (per-layer ``If`` for one-token steps), same weights."""
+    from dijiang_deploy.export import ExportOptions, export_model
+    from dijiang_deploy.testing import random_model
+
+    folder = tmp_path_factory.mktemp("inline") / "inline"
+    export_model(random_model("llama", seed=5), folder, ExportOptions(attention_op="inline"))
+    return folder
+
+
+@pytest.mark.parametrize("flavor", ["linear-attention", "function", "inline"])
+def test_onnxruntime_cuda_provider_matches_cpu(ort_cuda, exports, inline_export, ort_generator, flavor: str) -> None:
     """The second GPU backend: ONNX Runtime's CUDA provider on the same exports."""
     from dijiang_deploy.runtime import Generator
 
+    folder = inline_export if flavor == "inline" else exports[flavor]
     gen = Generator.from_pretrained(
-        exports[flavor], providers=["CUDAExecutionProvider", "CPUExecutionProvider"], load_tokenizer=False
+        folder, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], load_tokenizer=False
     )
     assert gen.backend.session.get_providers()[0] == "CUDAExecutionProvider"
     ids = np.random.default_rng(1).integers(3, 100, size=(2, 37))
