@@ -226,3 +226,22 @@ def test_kv_export_all_logits_scores_every_position(tmp_path):
         expected = want if all_logits else want[:, -1:]
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_interleaved_step_times(tmp_path):
+    """One mean per round and folder, in the order given; bad arguments are refused."""
+    from dijiang_deploy.bench.profile import interleaved_step_times
+    from dijiang_deploy.export import ExportOptions, export_model
+    from dijiang_deploy.testing import random_model
+
+    small = tmp_path / "small"
+    big = tmp_path / "big"
+    export_model(random_model("llama", seed=1, num_hidden_layers=1), small, ExportOptions(attention_op="inline"))
+    export_model(random_model("llama", seed=1, num_hidden_layers=2), big, ExportOptions(attention_op="inline"))
+    times = interleaved_step_times([big, small], threads=1, rounds=3, steps=5)
+    assert list(times) == [str(big), str(small)]
+    assert all(len(t) == 3 and min(t) > 0 for t in times.values())
+    with pytest.raises(ValueError, match="rounds and steps"):
+        interleaved_step_times([small], threads=1, rounds=0)
+    with pytest.raises(DiJiangError):
+        interleaved_step_times([tmp_path / "missing"], threads=1)

@@ -120,3 +120,36 @@ def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: 
         "matmul_bandwidth_bytes_per_s": weights["bytes_read_per_token"] / (matmul_ms / 1000) if matmul_ms else 0.0,
         "ops": ops,
     }
+
+
+def interleaved_step_times(
+    folders: list[str | Path], threads: int, context: int = 128, rounds: int = 8, steps: int = 40
+) -> dict[str, list[float]]:
+    """Milliseconds per decode step of each export, measured in turns.
+
+    One session per folder; each round runs ``steps`` plain
+    ``InferenceSession.run`` calls on every folder in turn (batch 1, one token,
+    zero state at position ``context``), so a machine whose speed drifts over
+    minutes slows all folders alike. Returns, per folder (as given), the mean
+    step time of each round.
+    """
+    from ..export.manifest import Manifest
+
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds and steps must be >= 1, got {rounds} and {steps}")
+    runs = []
+    for folder in folders:
+        manifest = Manifest.load(Path(folder))
+        sess = _session(Path(folder) / manifest.model_file, threads, None)
+        feeds = _feeds(manifest, context)
+        for _ in range(5):  # first-run allocations
+            sess.run(None, feeds)
+        runs.append((str(folder), sess, feeds))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for _ in range(rounds):
+        for name, sess, feeds in runs:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                sess.run(None, feeds)
+            times[name].append((time.perf_counter() - t0) / steps * 1000)
+    return times
