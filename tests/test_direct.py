@@ -85,8 +85,8 @@ def test_prefill_then_decode_equals_one_pass():
     assert np.abs(np.concatenate(logits, 1) - ref).max() <= TOL
 
 
-def _poisoned(proto: onnx.ModelProto, branch: str) -> onnx.ModelProto:
-    """A copy whose If nodes' ``branch`` yields NaN attention outputs."""
+def _poisoned(proto: onnx.ModelProto, branch: str) -> tuple[onnx.ModelProto, int]:
+    """A copy whose If nodes' ``branch`` yields NaN attention outputs, and the number of Ifs."""
     proto = copy.deepcopy(proto)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     for node in ifs:

@@ -16,9 +16,12 @@ writes the same function with far fewer nodes:
 * the chunked recurrence of spec section 5 in plain ``MatMul``/``Exp`` ops,
   its per-token decay factors for all layers computed once per step;
 * one ``If`` per layer: a one-token step (decode) skips the chunk form and
-  computes ``o = phi(q) S_new`` with reshapes instead of transposes (~38
-  instead of ~49 nodes per layer on the decode path; steps 3% (fp32) to 6%
-  (int4) faster on a 2-core CPU).
+  computes ``o = phi(q) S_new`` with reshapes instead of transposes (SmolLM2:
+  ~37 instead of ~49 nodes per layer on the decode path after ONNX Runtime's
+  rewrites; steps 2-4% (fp32) and ~5% (int4) shorter on a 2-core CPU,
+  ``benchmarks/step_time.py``). The per-step preamble of the chunk form
+  (the [L, L] count differences, decay tables) still runs on decode steps:
+  a few dozen microseconds, shared by all layers.
 
 Same inputs, outputs and numerics as the traced graph (tested against the
 PyTorch reference); geometric decay only (the general D1/D2 form keeps the
@@ -148,6 +151,7 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     # token, whose k is masked anyway), so o = phi(q) S_new exactly, and the
     # head split needs reshapes, not transposes.
     single = g.op("Squeeze", g.op("Equal", t_len, g.ints("one_len", [1])), name="single_token")
+    # Made once here rather than in each layer's branch; unused when L > 1.
     mask_1 = g.op("Reshape", mask, g.ints("mask_1_shape", [-1, 1, 1, 1, 1]), name="mask_1")  # [B,1,1,1,1] when L=1
     ones = g.op("ConstantOfShape", g.op("Concat", t_len, t_len, axis=0),
                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
