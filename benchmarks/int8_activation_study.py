@@ -17,7 +17,13 @@ divergence), and prints:
    also models the activation rounding (SmoothQuant's migration);
 4. with ``--ort FP32_EXPORT`` (the float32 export of the same checkpoint):
    top-1 of the real int8 graph with the first layer's matrix products kept
-   in float32 (``quantize_export(keep_float=...)``), against that export.
+   in float32 (``quantize_export(keep_float=...)``), against that export;
+5. with ``--rotation`` (LLaMA family): the same scores after a random
+   orthogonal rotation of the residual stream folded into the weights
+   (QuaRot/SpinQuant's offline rotation: the same function in exact
+   arithmetic, but outlier channels spread over all channels), for the
+   activation rounding alone, int8 weight rounding alone (round to nearest,
+   blocks along K, no calibration) and both, beside the unrotated model.
 
 Used for docs/quantization.md, "Session 7":
 
@@ -85,12 +91,65 @@ class Rounding:
             h.remove()
 
 
+def rotate_residual(model, seed: int = 0):
+    """A copy of a LLaMA-family ``model`` whose residual stream is ``x @ Q`` (Q random orthogonal).
+
+    RMSNorm commutes with an orthogonal Q once its weight is folded into the
+    matrices that read its output (q/k/v, ``W_G``, gate/up, head), so the
+    copy computes the same logits; the tied head is untied because the
+    embedding and the head now need different matrices. The inputs of o_proj
+    and down_proj (products of gates) stay unrotated.
+    """
+    if model.config.family != "llama":
+        raise DiJiangError(f"--rotation supports the llama family only, not {model.config.family}")
+    m = copy.deepcopy(model)
+    width = m.config.hidden_size
+    q, r = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+
+    def set_(param, value: torch.Tensor) -> None:
+        param.copy_(value.to(param.dtype))
+
+    with torch.no_grad():
+        head = m.head.weight.double() * m.body.norm.weight.double()
+        m.head.weight = torch.nn.Parameter((head @ q).float())  # unties it from the embedding
+        set_(m.body.embed.weight, m.body.embed.weight.double() @ q)
+        m.body.norm.weight.fill_(1.0)
+        for layer in m.body.layers:
+            attn, mlp = layer.attn, layer.mlp
+            g_in = layer.input_layernorm.weight.double()
+            g_post = layer.post_attention_layernorm.weight.double()
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                set_(lin.weight, lin.weight.double() * g_in @ q)
+            set_(attn.W_G, q.T @ (g_in[:, None] * attn.W_G.double()))  # read as x @ W_G
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                set_(lin.weight, lin.weight.double() * g_post @ q)
+            set_(attn.o_proj.weight, q.T @ attn.o_proj.weight.double())
+            set_(mlp.down_proj.weight, q.T @ mlp.down_proj.weight.double())
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    return m
+
+
+def round_weights(model, block: int):
+    """A copy with every layer's matrix (W_G included) rounded to int8 per block of K, scale max|w|/127."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in m.body.layers:
+            for mod in layer.modules():
+                if isinstance(mod, torch.nn.Linear):  # weight [N, K]: the same blockwise rounding along K
+                    mod.weight.copy_(round_activations(mod.weight, block))
+            layer.attn.W_G.copy_(round_activations(layer.attn.W_G.T, block).T)
+    return m
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--ort", metavar="FP32_EXPORT", help="also measure the real graph with layer 0 in float32")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--rotation", action="store_true", help="only the rotation study (section 5)")
     args = parser.parse_args()
     if args.tokens < 2:
         parser.error("--tokens must be >= 2")
@@ -116,6 +175,26 @@ def main() -> None:
         lg = logits(m)
         top1 = float((lg.argmax(-1) == ref.argmax(-1)).float().mean())
         return top1, float(F.kl_div(lg.log_softmax(-1), ref_lp, log_target=True, reduction="batchmean"))
+
+    if args.rotation:
+        try:
+            rotated = rotate_residual(model)
+        except DiJiangError as exc:
+            parser.error(str(exc))
+        drift = float((logits(rotated) - ref).abs().max())
+        print(f"rotated model in float32: top-1 {100 * score(rotated)[0]:.2f}%, max |logit change| {drift:.2g}")
+        for label, m in (("unrotated", model), ("rotated", rotated)):
+            hooks = Rounding(m, args.block_size)
+            acts = score(m)
+            hooks.remove()
+            rounded = round_weights(m, args.block_size)
+            weights = score(rounded)
+            hooks = Rounding(rounded, args.block_size)
+            both = score(rounded)
+            hooks.remove()
+            print(f"{label:9s}  top-1 / KL: activations rounded {100 * acts[0]:.2f}% {acts[1]:.5f}, "
+                  f"int8 weights {100 * weights[0]:.2f}% {weights[1]:.5f}, both {100 * both[0]:.2f}% {both[1]:.5f}")
+        return
 
     rounding = Rounding(model, args.block_size)
     top1, kl_all = score(model)
