@@ -17,20 +17,37 @@ RUNS="${DIJIANG_RUNS:-$ROOT/runs}"
 PROMPT="${1:-What is the capital of France?}"
 DJ=.venv/bin/dijiang-deploy
 mkdir -p "$RUNS"
-[[ -d "$RUNS/smollm2-dijiang" ]] || "$DJ" convert --model smollm2 -o "$RUNS/smollm2-dijiang"
-# About 9 minutes on 2 CPU cores by default; DIJIANG_FINETUNE_MINUTES changes it.
+
+# Run a step unless its output folder exists; say so when reusing it, so a
+# changed setting never passes silently for a redone step.
+step() {
+  local out="$1"; shift
+  if [[ -d "$out" ]]; then
+    echo "reusing $out (delete it to redo this step)" >&2
+  else
+    "$@"
+  fi
+}
+
+step "$RUNS/smollm2-dijiang" "$DJ" convert --model smollm2 -o "$RUNS/smollm2-dijiang"
+# About 9 minutes on 2 CPU cores by default; DIJIANG_FINETUNE_MINUTES changes it
+# and gets folders of its own, so a longer budget never reuses the 9-minute model.
 FT_ARGS=()
-[[ -n "${DIJIANG_FINETUNE_MINUTES:-}" ]] && FT_ARGS=(--budget-minutes "$DIJIANG_FINETUNE_MINUTES")
+SUFFIX=""
+if [[ -n "${DIJIANG_FINETUNE_MINUTES:-}" ]]; then
+  FT_ARGS=(--budget-minutes "$DIJIANG_FINETUNE_MINUTES")
+  SUFFIX="-${DIJIANG_FINETUNE_MINUTES}min"
+fi
 WEIGHTS="${DIJIANG_WEIGHTS:-fp32}"
 case "$WEIGHTS" in
   # Rank-16 adapters beat full q/k training at every budget measured (9 min:
   # 249 vs 296-298 held-out perplexity); they cannot be merged onto the int4 grid.
-  fp32) FT="$RUNS/smollm2-dijiang-ft"; ONNX="$RUNS/smollm2-onnx"; EXPORT_ARGS=()
+  fp32) FT="$RUNS/smollm2-dijiang-ft$SUFFIX"; ONNX="$RUNS/smollm2-onnx$SUFFIX"; EXPORT_ARGS=()
         FT_ARGS+=(--lora-rank 16) ;;
-  int4) FT="$RUNS/smollm2-dijiang-ft-int4"; ONNX="$RUNS/smollm2-onnx-int4"; EXPORT_ARGS=(--weights int4)
+  int4) FT="$RUNS/smollm2-dijiang-ft-int4$SUFFIX"; ONNX="$RUNS/smollm2-onnx-int4$SUFFIX"; EXPORT_ARGS=(--weights int4)
         FT_ARGS+=(--quant-aware int4) ;;
   *) echo "DIJIANG_WEIGHTS must be fp32 or int4, got $WEIGHTS" >&2; exit 2 ;;
 esac
-[[ -d "$FT" ]] || "$DJ" finetune "$RUNS/smollm2-dijiang" -o "$FT" "${FT_ARGS[@]}"
-[[ -d "$ONNX" ]] || "$DJ" export "$FT" -o "$ONNX" "${EXPORT_ARGS[@]}"
+step "$FT" "$DJ" finetune "$RUNS/smollm2-dijiang" -o "$FT" "${FT_ARGS[@]}"
+step "$ONNX" "$DJ" export "$FT" -o "$ONNX" "${EXPORT_ARGS[@]}"
 "$DJ" run "$ONNX" --chat --prompt "$PROMPT" --max-new-tokens 64
