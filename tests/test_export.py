@@ -156,11 +156,40 @@ def test_bad_folders(exports, tmp_path):
 
     bad = tmp_path / "bad"
     shutil.copytree(exports["gpt_neox"]["linear-attention"], bad)
-    data = json.loads((bad / "manifest.json").read_text())
-    data["inputs"][0]["name"] = "tokens"
-    (bad / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ExportError, match="does not match the graph"):
+    good = json.loads((bad / "manifest.json").read_text())
+
+    def edited(**changes) -> dict:
+        data = json.loads(json.dumps(good))
+        for key, value in changes.items():
+            if key == "heads":  # a self-consistent manifest whose state is wider than the graph's
+                data["state_shape"][0] = value
+                for t in data["inputs"][3:] + data["outputs"][1:]:
+                    t["shape"][1] = value
+            elif key == "first_input":
+                data["inputs"][0]["name"] = value
+            else:
+                data[key] = value
+        return data
+
+    cases = [
+        (edited(num_layers=good["num_layers"] - 1), "num_layers 1 needs the inputs"),
+        (edited(first_input="tokens"), "but it lists 5 inputs \\(tokens"),
+        (edited(state_shape=[good["state_shape"][0] + 1, *good["state_shape"][1:]]), "state_shape"),
+        (edited(vocab_size=good["vocab_size"] + 1), "vocab_size"),
+        (edited(state_shape="4x16x16"), "malformed manifest: state_shape must be"),
+        (edited(num_layers="2"), "malformed manifest: num_layers must be"),
+        (edited(heads=good["state_shape"][0] + 1), "past_state.0 has shape .* in the graph"),
+    ]
+    for data, message in cases:
+        (bad / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ExportError, match=message):
+            Generator.from_pretrained(bad)
+    # A tokenizer config without the tokenizer file it needs (tokenizer.json deleted).
+    (bad / "manifest.json").write_text(json.dumps(good))
+    (bad / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(ExportError, match="cannot load the tokenizer saved beside the graph"):
         Generator.from_pretrained(bad)
+    assert Generator.from_pretrained(bad, load_tokenizer=False).tokenizer is None
     gen = Generator.from_pretrained(exports["gpt_neox"]["linear-attention"])
     with pytest.raises(DiJiangError, match="empty prompt"):
         gen.generate([], max_new_tokens=3)

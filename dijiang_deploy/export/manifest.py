@@ -95,18 +95,76 @@ class Manifest:
             data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
             data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
             known = set(cls.__dataclass_fields__)
-            return cls(**{k: v for k, v in data.items() if k in known})
+            manifest = cls(**{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError) as exc:
             raise ExportError(f"{path}: malformed manifest ({exc})") from None
+        try:
+            manifest.check_consistent()
+        except ExportError as exc:
+            raise ExportError(f"{path}: {exc}") from None
+        return manifest
 
-    def check_graph(self, graph_inputs: list[tuple[str, str]], graph_outputs: list[tuple[str, str]]) -> None:
-        """Raise if the graph's (name, dtype) lists differ from the manifest's."""
-        want_in = [(t.name, t.dtype) for t in self.inputs]
-        want_out = [(t.name, t.dtype) for t in self.outputs]
-        if graph_inputs != want_in:
-            raise ExportError(f"manifest does not match the graph: inputs {graph_inputs} vs manifest {want_in}")
-        if graph_outputs != want_out:
-            raise ExportError(f"manifest does not match the graph: outputs {graph_outputs} vs manifest {want_out}")
+    def check_graph(
+        self,
+        graph_inputs: list[tuple[str, str, list[Any]]],
+        graph_outputs: list[tuple[str, str, list[Any]]],
+    ) -> None:
+        """Raise if the graph's (name, dtype, shape) lists differ from the manifest's.
+
+        Also checks the manifest against itself: ``num_layers``,
+        ``state_shape`` and ``vocab_size`` (which size the runtime's buffers)
+        must agree with its own input/output list, so a hand-edited or
+        mixed-up manifest fails here with a message instead of inside ONNX
+        Runtime. Symbolic dimensions (strings) match anything.
+        """
+        self.check_consistent()
+        for kind, graph, specs in (("inputs", graph_inputs, self.inputs), ("outputs", graph_outputs, self.outputs)):
+            got = [(name, dtype) for name, dtype, _ in graph]
+            want = [(t.name, t.dtype) for t in specs]
+            if got != want:
+                raise ExportError(f"manifest does not match the graph: {kind} {got} vs manifest {want}")
+            for (name, _, shape), spec in zip(graph, specs):
+                if not _shapes_agree(shape, spec.shape):
+                    raise ExportError(
+                        f"manifest does not match the graph: {name} has shape {list(shape)} in the graph, "
+                        f"{spec.shape} in the manifest (re-export the folder)"
+                    )
+
+    def check_consistent(self) -> None:
+        """Raise if the manifest's sizes are malformed or contradict its own input/output list."""
+        shape = self.state_shape
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_positive_int(x) for x in shape)):
+            raise ExportError(f"malformed manifest: state_shape must be [heads, d, d] (positive integers), got {shape!r}")
+        for name in ("num_layers", "vocab_size", "max_chunk"):
+            if not _positive_int(getattr(self, name)):
+                raise ExportError(f"malformed manifest: {name} must be a positive integer, got {getattr(self, name)!r}")
+        names = [t.name for t in self.inputs]
+        want = ["input_ids", "attention_mask", "past_position", *self.state_inputs]
+        if names != want:
+            raise ExportError(
+                f"manifest is inconsistent: num_layers {self.num_layers} needs the inputs input_ids, attention_mask, "
+                f"past_position, past_state.0..{self.num_layers - 1}, but it lists {len(names)} inputs "
+                f"({', '.join(names[:4])}, ...); re-export the folder"
+            )
+        state = ["batch", *self.state_shape]
+        for t in self.inputs[3:] + self.outputs[1:]:
+            if not _shapes_agree(t.shape, state):
+                raise ExportError(f"manifest is inconsistent: state_shape {self.state_shape}, but {t.name} is {t.shape}")
+        if not self.outputs or self.outputs[0].name != "logits" or self.outputs[0].shape[-1:] != [self.vocab_size]:
+            first = self.outputs[0] if self.outputs else None
+            raise ExportError(
+                f"manifest is inconsistent: vocab_size {self.vocab_size}, but the first output is "
+                f"{(first.name, first.shape) if first else None}"
+            )
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _shapes_agree(a: list[Any], b: list[Any]) -> bool:
+    """Same rank, and equal wherever both dimensions are static integers."""
+    return len(a) == len(b) and all(not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b))
 
 
 def decode_op_counts(model: onnx.ModelProto, num_layers: int) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import DiJiangError, PositionLimitError
+from ..errors import DiJiangError, ExportError, PositionLimitError
 from ..export.manifest import Manifest
 from .sampling import Sampler, SamplingOptions
 
@@ -322,4 +322,11 @@ def _load_tokenizer(folder: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers' errors for missing/bad files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"{folder}: cannot load the tokenizer saved beside the graph ({reason}); copy tokenizer.json and "
+            "tokenizer_config.json from the checkpoint, or pass token ids (load_tokenizer=False)"
+        ) from None

@@ -70,8 +70,8 @@ class OrtBackend:
             self.session = ort.InferenceSession(model_arg, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:300]})") from None
-        graph_in = [(i.name, _np_name(i.type)) for i in self.session.get_inputs()]
-        graph_out = [(o.name, _np_name(o.type)) for o in self.session.get_outputs()]
+        graph_in = [(i.name, _np_name(i.type), i.shape) for i in self.session.get_inputs()]
+        graph_out = [(o.name, _np_name(o.type), o.shape) for o in self.session.get_outputs()]
         self.manifest.check_graph(graph_in, graph_out)
         from ..export.quantize import check_session_metadata
 
