@@ -137,6 +137,27 @@ def build_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
 _DIJIANG_LEAVES = ("proj_matrix", "W_G", "D1", "D2")
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """``path`` as a checkpoint folder, or a :class:`CheckpointError` that says what it is instead.
+
+    Checked before anything slow is loaded, so a mistyped path or an export
+    folder passed where a checkpoint belongs fails at once and plainly.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such file or directory")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a checkpoint folder, got a file")
+    if not (folder / "config.json").exists():
+        if (folder / "manifest.json").exists():
+            raise CheckpointError(
+                f"{folder}: this is an ONNX export folder; give the DiJiang checkpoint folder "
+                "(the one `dijiang-deploy convert` or `finetune` wrote)"
+            )
+        raise CheckpointError(f"{folder}: not a model checkpoint folder (no config.json)")
+    return folder
+
+
 def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> DiJiangForCausalLM:
@@ -154,11 +175,7 @@ def load_model(
             mis-shaped tensor (the message names it).
         UnsupportedModelError: an architecture other than GPT-NeoX/LLaMA.
     """
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such file or directory")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: expected a checkpoint folder, got a file")
+    folder = checkpoint_folder(path)
     config = ModelConfig.from_file(folder / "config.json")
     model = build_from_tensors(config, read_weights(folder))
     return model.cast(dtype).to(device)

@@ -16,8 +16,12 @@ from .errors import DiJiangError
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertOptions, convert
+    from .convert import ConvertOptions, convert, embedded_model_path
 
+    if args.model and args.source:
+        raise DiJiangError("give either SOURCE or --model NAME, not both")
+    if args.model:
+        embedded_model_path(args.model)  # an unknown name lists the embedded ones instead of failing as a path
     source = args.model or args.source
     if not source:
         raise DiJiangError("convert needs a SOURCE folder/.gguf file or --model NAME")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import checkpoint_folder, load_model
 from .errors import DiJiangError
 
 
@@ -89,6 +89,7 @@ def verify(
     """
     from .runtime import Generator
 
+    checkpoint_folder(reference)  # a wrong --reference fails before the graph loads
     gen = Generator.from_pretrained(onnx_dir, load_tokenizer=False)
     model = load_model(reference)
     if model.config.vocab_size != gen.manifest.vocab_size:

@@ -169,3 +169,37 @@ def test_unavailable_subcommand_says_so(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_PLUGGABLE", cli._PLUGGABLE + (("dijiang_deploy.not_there.cli", {"later": "x"}, "issue #99"),))
     assert main(["later"]) == 2
     assert "not available yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "finetune", "eval", "verify"])
+def test_commands_that_need_a_checkpoint_say_what_they_got(tmp_path, capsys, command):
+    export_like = tmp_path / "an-export"
+    export_like.mkdir()
+    (export_like / "manifest.json").write_text("{}")
+    cases = {
+        tmp_path / "nope": "nope: no such file or directory",
+        export_like: "this is an ONNX export folder; give the DiJiang checkpoint folder",
+    }
+    if command == "eval":  # eval takes either kind of folder: only the missing one is wrong
+        cases = {tmp_path / "nope": "nope: no such file or directory",
+                 tmp_path: "found neither"}
+    for folder, message in cases.items():
+        argv = {
+            "export": ["export", str(folder), "-o", str(tmp_path / "out")],
+            "finetune": ["finetune", str(folder), "-o", str(tmp_path / "out")],
+            "eval": ["eval", str(folder)],
+            "verify": ["verify", str(export_like), "--reference", str(folder)],
+        }[command]
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_convert_model_flag_names_the_embedded_models(tmp_path, capsys):
+    assert main(["convert", "--model", "llama", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown embedded model 'llama'; available: smollm2" in err and "no such file" not in err
+    assert main(["convert", str(tmp_path), "--model", "smollm2", "-o", str(tmp_path / "out")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

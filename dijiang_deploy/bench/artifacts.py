@@ -80,7 +80,7 @@ def prepare(
     max_chunk: int | None = None,
 ) -> Prepared:
     """Create what ``systems`` need under ``work_dir``; failures become skip notes."""
-    from ..checkpoint import save_checkpoint
+    from ..checkpoint import checkpoint_folder, save_checkpoint
     from ..config import ModelConfig
     from ..export import export_checkpoint
     from ..export.graph import checkpoint_sha256
@@ -106,7 +106,7 @@ def prepare(
                 _progress("converting SmolLM2 to DiJiang (once)")
                 convert("smollm2", checkpoint, progress=False)
     prep.checkpoint = str(checkpoint)
-    prep.vocab_size = ModelConfig.from_file(checkpoint / "config.json").vocab_size
+    prep.vocab_size = ModelConfig.from_file(checkpoint_folder(checkpoint) / "config.json").vocab_size
     sha = checkpoint_sha256(checkpoint)
 
     for name in systems:

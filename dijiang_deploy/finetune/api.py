@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_file
-from ..checkpoint import load_model, save_checkpoint
-from ..errors import CheckpointError, DiJiangError
+from ..checkpoint import checkpoint_folder, load_model, save_checkpoint
+from ..errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
 from .config import FinetuneConfig
 from .data import PROMPTS, DataError, builtin_corpus, load_tokenizer, pack, read_text_source
@@ -404,8 +404,7 @@ def finetune(
         raise DiJiangError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     if data is not None:
         read_text_source(data)  # fail on missing/empty text before loading models
-    if not (model_dir / "config.json").exists():
-        raise CheckpointError(f"{model_dir}: not a DiJiang checkpoint folder (no config.json)")
+    checkpoint_folder(model_dir)
     torch.set_num_threads(cfg.resolved_threads())
     torch.manual_seed(seed)
 

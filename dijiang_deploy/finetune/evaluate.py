@@ -68,8 +68,13 @@ def _scorer(model_or_dir: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
 
         return score, None, model.config.vocab_size
     folder = Path(model_or_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: expected a DiJiang checkpoint folder or an exported ONNX folder")
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such file or directory")
+    if not folder.is_dir() or not ((folder / "manifest.json").exists() or (folder / "config.json").exists()):
+        raise CheckpointError(
+            f"{folder}: expected a DiJiang checkpoint folder (config.json) or an exported ONNX folder "
+            "(manifest.json), found neither"
+        )
     if (folder / "manifest.json").exists():
         try:
             from ..runtime import Generator
