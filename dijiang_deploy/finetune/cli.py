@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_types import float_in, int_at_least, positive_float, positive_int
+
 
 def _finetune(args: argparse.Namespace) -> int:
     from .api import finetune
@@ -71,34 +73,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``finetune`` and ``eval`` on the main CLI's subparsers.
 
     Handlers raise :class:`~dijiang_deploy.errors.DiJiangError` subclasses for
     bad input, which the main CLI prints as one line (exit status 2).
     """
-    p = subparsers.add_parser("finetune", help="train a converted checkpoint to match its softmax teacher")
+    p = subparsers.add_parser(
+        "finetune", help="train a converted checkpoint to match its softmax teacher",
+        description="Distil the softmax teacher into the DiJiang student: stage 1 fits each layer's attention "
+        "to the teacher's on the teacher's own hidden states, stage 2 trains end to end on the teacher's "
+        "next-token distribution. Adapters are merged; the output is a plain checkpoint. The default budget "
+        "is about 9 minutes of wall-clock time; an interrupted run resumes.",
+    )
     p.add_argument("model_dir", help="DiJiang checkpoint folder (from convert)")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     p.add_argument("--data", help="training text: a file or a folder of .txt/.md/.rst/.jsonl (default: built-in local text)")
     p.add_argument("--teacher", help="softmax teacher: HF folder, .gguf or smollm2 (default: the checkpoint's source)")
-    p.add_argument("--steps", type=int, help="total optimizer steps instead of a time budget")
-    p.add_argument("--budget-minutes", type=_positive_float, help="wall-clock budget (default 9)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-rank", type=int, default=0, help="low-rank adapters on q/k/v/o (0: none)")
+    p.add_argument("--steps", type=positive_int, help="total optimizer steps instead of a time budget")
+    p.add_argument("--budget-minutes", type=positive_float, help="wall-clock budget (default 9)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and initialisation (default 0)")
+    p.add_argument("--lora-rank", type=int_at_least(0), default=0, help="low-rank adapters on q/k/v/o (default 0: none; the demo uses 16)")
     p.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True, help="end-to-end distillation stage")
     p.add_argument(
-        "--generated", type=int,
+        "--generated", type=int_at_least(0),
         help="chat answers the teacher writes from built-in prompts, added to the built-in text "
         "(default: 32 for budgets >= 6 min, else 0; budgets over 9 min scale it and the training text "
         "with the budget, up to 4x)",
@@ -108,20 +106,20 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="train stage 2 through this weight grid and save weights on it, so that "
         "`export --weights int4` (or int8) loses nothing against the float checkpoint",
     )
-    p.add_argument("--quant-block-size", type=int, default=32, help="block size of --quant-aware (match export --block-size)")
+    p.add_argument("--quant-block-size", type=positive_int, default=32, help="block size of --quant-aware (match export --block-size)")
     p.add_argument(
         "--quant-symmetric", action="store_true",
         help="symmetric --quant-aware grid (for TensorRT Q/DQ exports; default asymmetric, the ONNX Runtime form)",
     )
     p.add_argument(
-        "--quant-start", type=float, default=0.5,
+        "--quant-start", type=float_in(0.0, 1.0, high_open=True), default=0.5,
         help="share of stage 2 trained in float before the --quant-aware grid phase (0: from the first step)",
     )
     p.add_argument(
         "--no-quant-calibrate", action="store_true",
         help="--quant-aware without the activation-aware channel scaling before stage 2",
     )
-    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs other processes leave idle)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: the CPUs other processes leave idle)")
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--teacher-pass", choices=("auto", "cache", "online"), default="auto",
@@ -132,17 +130,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_finetune)
 
-    p = subparsers.add_parser("eval", help="windowed perplexity of a checkpoint or ONNX export over a text")
+    p = subparsers.add_parser(
+        "eval", help="windowed perplexity of a checkpoint or ONNX export over a text",
+        description="Perplexity over a text in windows that each start from an empty state (default: the "
+        "held-out text shipped with the package); with --teacher also top-1 agreement with the softmax model.",
+    )
     p.add_argument("model_dir", help="DiJiang checkpoint folder or exported ONNX folder")
     p.add_argument("--data", help="text file or folder (default: the shipped held-out text)")
     p.add_argument("--teacher", help="also report top-1 agreement with this softmax model (HF folder, .gguf, smollm2)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.add_argument("--window", type=int_at_least(2), default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-tokens", type=int_at_least(2), help="score only the first N tokens")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: MODEL_DIR's)")
-    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs other processes leave idle)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: the CPUs other processes leave idle)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--chat", action="store_true", help="also print greedy answers to a few chat questions")
-    p.add_argument("--chat-tokens", type=int, default=60, help="max new tokens per chat answer")
+    p.add_argument("--chat-tokens", type=positive_int, default=60, help="max new tokens per chat answer (default 60)")
     p.set_defaults(func=_eval)
 
 
