@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from .cli_types import float_in, int_at_least, positive_float, positive_int
 from .errors import DiJiangError
 
 
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise DiJiangError("empty prompt: give some text with --prompt")
-    events = gen.generate(
+    stream = gen.generate(
         prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -92,28 +93,33 @@ def _run(args: argparse.Namespace) -> int:
         stream=True,
         stop=args.stop,
     )
-    import time
-
-    start = time.perf_counter()
-    first = None
-    count = 0
-    for ev in events:
-        if first is None:
-            first = time.perf_counter()
-        count += 1
+    for ev in stream:
         sys.stdout.write(ev.text)
         sys.stdout.flush()
-    end = time.perf_counter()
-    prompt_tokens = len(gen.encode(prompt, args.chat))
-    prefill = (first or end) - start
-    decode = end - (first or end)
-    print(
-        f"\n[prompt {prompt_tokens} tokens, prefill {prompt_tokens / prefill if prefill else 0:.1f} tok/s; "
-        f"generated {count} tokens, decode {(count - 1) / decode if decode and count > 1 else 0:.1f} tok/s; "
-        f"state {gen.backend.state_nbytes() / 2**20:.2f} MiB]",
-        file=sys.stderr,
-    )
+    print(file=sys.stderr)
+    print(_run_summary(stream.result, gen.backend.state_nbytes()), file=sys.stderr)
     return 0
+
+
+#: Why generation ended, as ``run`` tells it.
+_FINISH = {
+    "eos": "the model ended its answer (end-of-sequence token)",
+    "length": "reached --max-new-tokens",
+    "stop": "a --stop string appeared",
+    "position_limit": "reached the decay tables' last position",
+}
+
+
+def _run_summary(result, state_bytes: int) -> str:
+    """The ``[...]`` line ``run`` prints after the text: speed, state size, why it stopped."""
+    st = result.stats
+    prefill = st.prompt_tokens / st.prefill_seconds if st.prefill_seconds else 0.0
+    # One or two steps time mostly first-call setup, not the steady decode speed.
+    decode = f"decode {st.decode_tokens_per_s:.1f} tok/s" if st.decode_steps >= 4 else "too few steps to time decode"
+    return (
+        f"[prompt {st.prompt_tokens} tokens, prefill {prefill:.1f} tok/s; generated {st.new_tokens} tokens, {decode}; "
+        f"state {state_bytes / 2**20:.2f} MiB; stopped: {_FINISH.get(result.finish_reasons[0], result.finish_reasons[0])}]"
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -148,15 +154,30 @@ def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dijiang-deploy")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dijiang-deploy",
         description="DiJiang linear-attention models: convert, export to ONNX, build TensorRT engines, run.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="turn a pretrained HF/GGUF model into a DiJiang checkpoint")
+    p = sub.add_parser(
+        "convert", help="turn a pretrained HF/GGUF model into a DiJiang checkpoint",
+        description="Replace every softmax attention of a GPT-NeoX/Pythia or LLaMA-family model with DiJiang "
+        "attention (DCT feature map, per-head decay) and write a checkpoint folder that reloads on its own. "
+        "The result writes nonsense until it is fine-tuned (dijiang-deploy finetune).",
+    )
     p.add_argument("source", nargs="?", help="Hugging Face model folder or .gguf file")
     p.add_argument("--model", help="embedded model name instead of SOURCE (smollm2)")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
@@ -167,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("export", help="export a DiJiang checkpoint to an ONNX step graph")
+    p = sub.add_parser(
+        "export", help="export a DiJiang checkpoint to an ONNX step graph",
+        description="Write an ONNX folder (model.onnx, manifest.json, tokenizer) whose graph takes a chunk of "
+        "tokens and the per-layer recurrent states and returns logits and the new states: one graph for "
+        "prefill and decode. `verify` checks it against PyTorch; `run` generates with it.",
+    )
     p.add_argument("model_dir", help="DiJiang checkpoint folder")
     p.add_argument("-o", "--output", required=True, help="export folder to write")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights/activations (state stays fp32)")
@@ -217,27 +243,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
 
-    p = sub.add_parser("run", help="generate text from an exported model")
+    p = sub.add_parser(
+        "run", help="generate text from an exported model",
+        description="Stream generated text to standard output with fixed memory (the recurrent state does not "
+        "grow with the text); timings and the reason generation stopped go to standard error.",
+    )
     p.add_argument("onnx_dir", help="export folder")
     p.add_argument("--prompt", help="prompt text (default: standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="sample from the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="sample from the smallest set of tokens with this much probability (default 1: all)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="penalise tokens already seen, CTRL rule (default 1: off)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--seed", type=int, help="sampling seed (default: fresh randomness)")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--backend", default="ort", choices=["ort", "trt"], help="ort: ONNX_DIR is an export; trt: an engine folder")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider, e.g. CUDAExecutionProvider (repeatable)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("verify", help="compare an export against the PyTorch reference")
+    p = sub.add_parser(
+        "verify", help="compare an export against the PyTorch reference",
+        description="Score the same tokens with the export and with the PyTorch checkpoint it came from; report "
+        "the largest logit difference, greedy agreement and, for int8/int4 exports, top-1 agreement and "
+        "perplexity change. Exit status 1 when outside the tolerance.",
+    )
     p.add_argument("onnx_dir", help="export folder")
     p.add_argument("--reference", required=True, help="the DiJiang checkpoint folder it came from")
-    p.add_argument("--tokens", type=int, default=200, help="random tokens to score")
-    p.add_argument("--tolerance", type=float, help="max abs logit difference (default 1e-4 fp32, 0.5 fp16)")
+    p.add_argument("--tokens", type=int_at_least(2), default=200, help="random tokens to score (default 200)")
+    p.add_argument(
+        "--tolerance", type=positive_float,
+        help="max abs logit difference (default 1e-4 fp32, 0.5 fp16; raised to twice the PyTorch reference's own "
+        "float noise when that is larger, and the report prints the bound it used)",
+    )
     p.add_argument("--text", help="score this text file instead of random tokens (perplexity for int8/int4)")
     p.set_defaults(func=_verify)
 

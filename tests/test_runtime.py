@@ -66,6 +66,48 @@ def test_seeded_sampling_is_reproducible(tiny_export):
     assert a == b and a != c
 
 
+def test_stream_reports_why_and_how_many_steps(tiny_export, monkeypatch):
+    from dijiang_deploy.cli import _run_summary
+    from dijiang_deploy.runtime import GenerationStream
+
+    _, folder = tiny_export
+    gen = Generator.from_pretrained(folder)
+    calls = []
+    real_step = gen.backend.step
+    monkeypatch.setattr(gen.backend, "step", lambda ids, mask: calls.append(ids.shape[1]) or real_step(ids, mask))
+    stream = gen.generate([1, 2, 3], max_new_tokens=6, stream=True)
+    assert isinstance(stream, GenerationStream) and stream.result is None
+    events = list(stream)
+    res = stream.result
+    assert [e.token_id for e in events] == res.token_ids[0] and len(events) == 6
+    assert res.finish_reasons == ["length"]
+    # The prefill is one (padded) 16-token chunk; each further token is one 1-token step.
+    assert calls == [16, 1, 1, 1, 1, 1] and res.stats.decode_steps == 5
+    assert res.stats.decode_tokens_per_s == pytest.approx(5 / res.stats.decode_seconds)
+    line = _run_summary(res, gen.backend.state_nbytes())
+    assert "generated 6 tokens, decode" in line and "stopped: reached --max-new-tokens" in line
+    # An end-of-sequence token ends the row: the reason says so, and a 2-step answer is not timed.
+    first = gen.generate([1, 2, 3], max_new_tokens=1).token_ids[0][0]
+    monkeypatch.setattr(gen, "_eos_ids", lambda: {first})
+    res = gen.generate([1, 2, 3], max_new_tokens=6)
+    assert res.token_ids == [[]] and res.finish_reasons == ["eos"]
+    line = _run_summary(res, gen.backend.state_nbytes())
+    assert "too few steps to time decode" in line and "end-of-sequence" in line
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--max-new-tokens", "0", "must be >= 1, got 0"), ("--top-p", "1.5", "must be in (0, 1], got 1.5"),
+     ("--threads", "-1", "must be >= 1, got -1"), ("--temperature", "nan", "must be in [0, inf)"),
+     ("--top-k", "x", "expected an integer, got 'x'")],
+)
+def test_cli_run_names_the_flag_that_is_wrong(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tmp_path), "--prompt", "hi", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_cli_verify_and_errors(tmp_path, capsys):
     from dijiang_deploy.checkpoint import save_checkpoint
 

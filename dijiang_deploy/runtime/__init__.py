@@ -1,6 +1,8 @@
 """Runtime: fixed-memory generation over exported DiJiang graphs."""
 
-from .generator import GenerationResult, GenerationStats, Generator, StreamEvent
+from .generator import GenerationResult, GenerationStats, GenerationStream, Generator, StreamEvent
 from .sampling import SamplingOptions
 
-__all__ = ["GenerationResult", "GenerationStats", "Generator", "SamplingOptions", "StreamEvent"]
+__all__ = [
+    "GenerationResult", "GenerationStats", "GenerationStream", "Generator", "SamplingOptions", "StreamEvent",
+]

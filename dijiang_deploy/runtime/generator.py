@@ -16,10 +16,18 @@ from .sampling import Sampler, SamplingOptions
 
 @dataclass
 class GenerationStats:
+    """Token counts and wall-clock seconds of one ``generate`` call.
+
+    ``decode_steps`` counts the one-token graph runs: the first new token
+    comes from the prefill's logits, and the step that produced an
+    end-of-sequence token counts although that token is not returned.
+    """
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_steps: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -27,9 +35,7 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        # The first new token comes from the prefill logits; decode steps = new - 1.
-        steps = max(self.new_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds else 0.0
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
 @dataclass
@@ -53,6 +59,29 @@ class StreamEvent:
     row: int
     token_id: int
     text: str
+
+
+class GenerationStream:
+    """What ``generate(..., stream=True)`` returns: an iterator of :class:`StreamEvent`.
+
+    ``result`` (the :class:`GenerationResult`: finish reasons, timings) is
+    None until the iterator is exhausted.
+    """
+
+    def __init__(self, run: Iterator[StreamEvent | GenerationResult]):
+        self._run = run
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> "GenerationStream":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        for ev in self._run:
+            if isinstance(ev, GenerationResult):
+                self.result = ev
+                break
+            return ev
+        raise StopIteration
 
 
 class Generator:
@@ -201,13 +230,13 @@ class Generator:
         seed: int | None = None,
         stream: bool = False,
         chat: bool = False,
-    ) -> GenerationResult | Iterator[StreamEvent]:
+    ) -> GenerationResult | GenerationStream:
         """Generate from one prompt or a batch of prompts (text or token ids).
 
         Greedy by default. Batch rows may differ in length. With ``stream``
-        returns an iterator of :class:`StreamEvent`; its ``result`` attribute
-        is not available until exhausted, so use ``generate(...)`` without
-        stream for the full :class:`GenerationResult`.
+        returns a :class:`GenerationStream` of :class:`StreamEvent`; its
+        ``result`` (the full :class:`GenerationResult`) is set once the
+        stream is exhausted.
         """
         rows = self._rows(prompt, chat)
         options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
@@ -219,7 +248,7 @@ class Generator:
             raise DiJiangError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         run = self._run(rows, max_new_tokens, sampler, list(stop or []))
         if stream:
-            return (ev for ev in run if isinstance(ev, StreamEvent))
+            return GenerationStream(run)
         result = None
         for ev in run:
             if isinstance(ev, GenerationResult):
@@ -280,6 +309,7 @@ class Generator:
                 break
             mask[:, 0] = (~done).astype(np.int64)
             logits = np.array(self.backend.step(ids, mask)[:, -1], dtype=np.float32)
+            stats.decode_steps += 1
         stats.decode_seconds = time.perf_counter() - decode_start
         texts = [_cut_at_stop(t, stop) for t in texts]
         yield GenerationResult(generated, texts, reasons, stats)
