@@ -48,3 +48,8 @@ def test_stream_chat_example(smollm2_dir, tmp_path):
         [sys.executable, str(ROOT / "examples" / "stream_chat.py"), str(tmp_path / "missing")], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "no such file" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "stream_chat.py"), str(folder), "--prompt", " "], capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--prompt is empty" in proc.stderr
