@@ -212,6 +212,23 @@ def test_thread_default_leaves_busy_cpus_alone(monkeypatch):
     assert measured is None or 0.0 <= measured <= (C.os.cpu_count() or 1) + 1e-6
 
 
+def test_busy_machine_is_reported_not_silent(trained, tmp_path, monkeypatch, caplog):
+    from dijiang_deploy.finetune import config as C
+
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(C, "_busy_cpus", lambda: 1.0)  # another process keeps one CPU busy
+    kwargs = dict(data=trained["train"], teacher=trained["teacher"], steps=2, progress=False)
+    with caplog.at_level("WARNING", logger="dijiang_deploy.finetune.api"):
+        finetune(trained["dir"], tmp_path / "busy", config=small_config(), **kwargs)
+    assert "other processes keep 1 of 2 CPUs busy: training on 1 thread(s)" in caplog.text
+    caplog.clear()
+    cfg = small_config()
+    cfg.threads = 1  # chosen by the user: nothing to explain
+    with caplog.at_level("WARNING", logger="dijiang_deploy.finetune.api"):
+        finetune(trained["dir"], tmp_path / "chosen", config=cfg, **kwargs)
+    assert "CPUs busy" not in caplog.text
+
+
 # -- evaluation ----------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -405,7 +406,15 @@ def finetune(
     if data is not None:
         read_text_source(data)  # fail on missing/empty text before loading models
     checkpoint_folder(model_dir)
-    torch.set_num_threads(cfg.resolved_threads())
+    threads = cfg.resolved_threads()
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu" and not cfg.threads and threads < cpus:
+        # The budget is wall-clock: a busy machine buys fewer steps, so say why.
+        log.warning(
+            "other processes keep %d of %d CPUs busy: training on %d thread(s), so this budget buys fewer steps "
+            "(--threads N to override)", cpus - threads, cpus, threads,
+        )
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
 
     student = load_model(model_dir)
@@ -553,7 +562,11 @@ def finetune(
             history[f"stage{stage}"].append(value)
             done_steps[stage] = step
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
+            if sc_steps is None:  # a time budget: the bar has no step total, so show the time left
+                left = max(0.0, stage_s - (used() - phase_start_used))
+                bar.set_postfix(loss=f"{value:.4f}", left=f"{int(left) // 60}:{int(left) % 60:02d}")
+            else:
+                bar.set_postfix(loss=f"{value:.4f}")
             saver.save(
                 {
                     **base_state, "stage": stage, "step": step, "params": _trainable_state(student, decay, trained),
