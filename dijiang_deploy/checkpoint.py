@@ -154,7 +154,7 @@ def checkpoint_folder(path: str | Path) -> Path:
                 f"{folder}: this is an ONNX export folder; give the DiJiang checkpoint folder "
                 "(the one `dijiang-deploy convert` or `finetune` wrote)"
             )
-        raise CheckpointError(f"{folder}: not a model checkpoint folder (no config.json)")
+        raise CheckpointError(f"{folder}: not a DiJiang checkpoint folder (no config.json)")
     return folder
 
 

@@ -286,10 +286,15 @@ def test_a_checkpoint_edited_after_the_fine_tune_is_calibrated_as_usual(runs, tm
     assert m.quantization["calibration"]["method"] != "none"
 
 
-def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
+def test_cli_flags_reach_the_config(monkeypatch, tmp_path, capsys):
     cfg = finetune_cli_config(monkeypatch, tmp_path, "--quant-aware", "int4", "--quant-block-size", "64",
                               "--quant-symmetric", "--quant-start", "0.25", "--no-quant-calibrate")
     assert cfg.quant_aware == QuantAwareConfig(bits=4, block_size=64, symmetric=True, calibrate=False, start=0.25)
     assert finetune_cli_config(monkeypatch, tmp_path).quant_aware is None
-    with pytest.raises(DiJiangError, match="start"):
+    # The CLI refuses a bad share where it parses it, naming the flag ...
+    with pytest.raises(SystemExit):
         finetune_cli_config(monkeypatch, tmp_path, "--quant-aware", "int8", "--quant-start", "1.5")
+    assert "argument --quant-start: must be in [0, 1), got 1.5" in capsys.readouterr().err
+    # ... and the config still refuses it from the Python API.
+    with pytest.raises(DiJiangError, match="start must be in"):
+        QuantAwareConfig.parse("int8", 32, False, start=1.5)
