@@ -12,6 +12,14 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# Settings are checked before any work. The budget names folders too, so only
+# a plain number is taken.
+if [[ -n "${DIJIANG_FINETUNE_MINUTES:-}" && ! "$DIJIANG_FINETUNE_MINUTES" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+  echo "DIJIANG_FINETUNE_MINUTES must be a number of minutes, got '$DIJIANG_FINETUNE_MINUTES'" >&2; exit 2
+fi
+if [[ "${DIJIANG_WEIGHTS:-fp32}" != fp32 && "${DIJIANG_WEIGHTS:-fp32}" != int4 ]]; then
+  echo "DIJIANG_WEIGHTS must be fp32 or int4, got $DIJIANG_WEIGHTS" >&2; exit 2
+fi
 bash scripts/setup.sh
 RUNS="${DIJIANG_RUNS:-$ROOT/runs}"
 PROMPT="${1:-What is the capital of France?}"
@@ -46,7 +54,6 @@ case "$WEIGHTS" in
         FT_ARGS+=(--lora-rank 16) ;;
   int4) FT="$RUNS/smollm2-dijiang-ft-int4$SUFFIX"; ONNX="$RUNS/smollm2-onnx-int4$SUFFIX"; EXPORT_ARGS=(--weights int4)
         FT_ARGS+=(--quant-aware int4) ;;
-  *) echo "DIJIANG_WEIGHTS must be fp32 or int4, got $WEIGHTS" >&2; exit 2 ;;
 esac
 step "$FT" "$DJ" finetune "$RUNS/smollm2-dijiang" -o "$FT" "${FT_ARGS[@]}"
 step "$ONNX" "$DJ" export "$FT" -o "$ONNX" "${EXPORT_ARGS[@]}"

@@ -86,3 +86,15 @@ def test_int4_variant_fine_tunes_through_the_grid(fake_root: Path) -> None:
     lines = (fake_root / "calls.log").read_text().splitlines()
     assert any(line.startswith("finetune ") and "--quant-aware int4" in line for line in lines)
     assert any(line.startswith("export ") and "smollm2-onnx-int4 --weights int4" in line for line in lines)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DIJIANG_FINETUNE_MINUTES": "../x"}, "DIJIANG_FINETUNE_MINUTES must be a number of minutes, got '../x'"),
+    ({"DIJIANG_WEIGHTS": "int3"}, "DIJIANG_WEIGHTS must be fp32 or int4, got int3"),
+])
+def test_bad_settings_stop_before_any_work(fake_root: Path, env: dict, message: str) -> None:
+    full = {**os.environ, "FAKE_LOG": str(fake_root / "calls.log"), **env}
+    res = subprocess.run(["bash", str(fake_root / "scripts" / "demo.sh")], env=full, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and message in res.stderr
+    assert not (fake_root / "calls.log").exists() and not (fake_root / "runs").exists()
