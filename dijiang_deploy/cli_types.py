@@ -24,7 +24,6 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in its messages
     return parse
 
 
@@ -43,7 +42,6 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high
             raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
         return value
 
-    parse.__name__ = f"number in {span}"
     return parse
 
 

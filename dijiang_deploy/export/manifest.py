@@ -111,13 +111,9 @@ class Manifest:
     ) -> None:
         """Raise if the graph's (name, dtype, shape) lists differ from the manifest's.
 
-        Also checks the manifest against itself: ``num_layers``,
-        ``state_shape`` and ``vocab_size`` (which size the runtime's buffers)
-        must agree with its own input/output list, so a hand-edited or
-        mixed-up manifest fails here with a message instead of inside ONNX
-        Runtime. Symbolic dimensions (strings) match anything.
+        Symbolic dimensions (strings) match anything. The manifest's own
+        consistency (:meth:`check_consistent`) was checked by :meth:`load`.
         """
-        self.check_consistent()
         for kind, graph, specs in (("inputs", graph_inputs, self.inputs), ("outputs", graph_outputs, self.outputs)):
             got = [(name, dtype) for name, dtype, _ in graph]
             want = [(t.name, t.dtype) for t in specs]
@@ -131,7 +127,12 @@ class Manifest:
                     )
 
     def check_consistent(self) -> None:
-        """Raise if the manifest's sizes are malformed or contradict its own input/output list."""
+        """Raise if the manifest's sizes are malformed or contradict its own input/output list.
+
+        ``num_layers``, ``state_shape`` and ``vocab_size`` size the runtime's
+        buffers, so a hand-edited or mixed-up manifest must fail here with a
+        message rather than inside ONNX Runtime.
+        """
         shape = self.state_shape
         if not (isinstance(shape, list) and len(shape) == 3 and all(_positive_int(x) for x in shape)):
             raise ExportError(f"malformed manifest: state_shape must be [heads, d, d] (positive integers), got {shape!r}")

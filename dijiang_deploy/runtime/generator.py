@@ -247,14 +247,13 @@ class Generator:
         if max_new_tokens < 1:
             raise DiJiangError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         run = self._run(rows, max_new_tokens, sampler, list(stop or []))
+        events = GenerationStream(run)
         if stream:
-            return GenerationStream(run)
-        result = None
-        for ev in run:
-            if isinstance(ev, GenerationResult):
-                result = ev
-        assert result is not None
-        return result
+            return events
+        for _ in events:
+            pass
+        assert events.result is not None
+        return events.result
 
     def _rows(self, prompt, chat: bool) -> list[list[int]]:
         if isinstance(prompt, str):
