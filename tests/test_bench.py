@@ -245,3 +245,64 @@ def test_interleaved_step_times(tmp_path):
         interleaved_step_times([small], threads=1, rounds=0)
     with pytest.raises(DiJiangError):
         interleaved_step_times([tmp_path / "missing"], threads=1)
+
+
+_CRASHING_LLAMA_CPP = '''
+"""Stand-in for a llama-cpp-python built with -march=native on a CPU it does not suit:
+it loads, then dies with SIGSEGV on the first eval, as such builds do."""
+import ctypes
+
+
+class Llama:
+    metadata = {"general.architecture": "llama", "llama.block_count": "2", "llama.attention.head_count": "2",
+                "llama.embedding_length": "32"}
+
+    def __init__(self, n_ctx=256, **kwargs):
+        self._n_ctx = n_ctx
+
+    def n_ctx(self):
+        return self._n_ctx
+
+    def n_vocab(self):
+        return 64
+
+    def reset(self):
+        pass
+
+    def eval(self, tokens):
+        ctypes.string_at(0)  # reads address 0: a real segmentation fault
+'''
+
+
+def test_a_crashing_peer_is_reported_and_the_other_rows_written(tmp_path, monkeypatch):
+    """A llama.cpp worker that segfaults is named as crashed (with the portable build
+    command); the DiJiang rows of the same run are still measured and written."""
+    from dijiang_deploy.bench import runner
+
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(_CRASHING_LLAMA_CPP)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    real_prepare = runner.prepare
+
+    def prepare_with_peer(systems, work, quick, checkpoint):
+        prep = real_prepare([s for s in systems if s != "llamacpp-q4_1"], work, quick, checkpoint)
+        prep.specs["llamacpp-q4_1"] = {"name": "llamacpp-q4_1", "kind": "llamacpp", "path": str(gguf)}
+        return prep
+
+    monkeypatch.setattr(runner, "prepare", prepare_with_peer)
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--out", str(out), "--systems", "dijiang-ort-fp32,llamacpp-q4_1",
+                 "--threads", "1", "--no-profile"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    records = {r["system"]: r for r in data["systems"]}
+    crashed = records["llamacpp-q4_1"]
+    assert crashed["error"].startswith("crashed: killed by SIGSEGV"), crashed["error"]
+    assert "-DGGML_NATIVE=OFF" in crashed["error"] and crashed["results"] == []
+    assert "error" not in records["dijiang-ort-fp32"]
+    assert [r["context"] for r in records["dijiang-ort-fp32"]["results"]] == [16, 64]
+    table = (out / "table.md").read_text()
+    assert "| dijiang-ort-fp32 | 16 |" in table and "llamacpp-q4_1: crashed: killed by SIGSEGV" in table
+    assert (out / "results.csv").read_text().count("dijiang-ort-fp32") == 2

@@ -165,7 +165,9 @@ def machine_info() -> dict[str, Any]:
             if key in fields:
                 info[key.lower().replace("(s)", "s").replace(" ", "_")] = fields[key]
         flags = fields.get("Flags", "").split()
-        info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "f16c") if f in flags]
+        # AMX and AVX-512 change which kernels MKL, oneDNN and MLAS pick (and their float32 rounding).
+        simd = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+        info["simd"] = [f for f in simd if f in flags]
     except (OSError, subprocess.SubprocessError):
         pass
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,13 +115,35 @@ def run_worker(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
             record = json.loads(out_path.read_text()) if out_path.exists() else {"system": spec.get("name"), "results": []}
             record["error"] = f"timed out after {timeout}s (partial results kept)"
             return record
-        if out_path.exists():
-            record = json.loads(out_path.read_text())
-        else:
-            record = {"system": spec.get("name"), "results": [], "error": f"worker exited {proc.returncode}: {stderr[-500:]}"}
+        record = json.loads(out_path.read_text()) if out_path.exists() else {"system": spec.get("name"), "results": []}
         if proc.returncode != 0 and "error" not in record:
-            record["error"] = f"worker exited {proc.returncode}: {stderr[-500:]}"
+            record["error"] = worker_failure(spec, proc.returncode, stderr)
         return record
+
+
+#: What to do about a llama-cpp-python that crashes: builds tuned with
+#: ``-march=native`` (GGML_NATIVE) have been seen to segfault on the first
+#: ``eval`` on AVX-512/AMX Xeons, where a portable build runs.
+LLAMACPP_PORTABLE_BUILD = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON '
+    '-DGGML_AVX512_VNNI=ON" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+)
+
+
+def worker_failure(spec: dict[str, Any], returncode: int, stderr: str) -> str:
+    """One line saying how a worker ended: crashed by a signal, or exited with an error."""
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode)
+            what = f"{sig.name} ({signal.strsignal(sig) or 'signal'})"
+        except ValueError:
+            what = f"signal {-returncode}"
+        message = f"crashed: killed by {what}; partial results kept"
+        if spec.get("kind") == "llamacpp":
+            message += f"; rebuild llama-cpp-python portably: {LLAMACPP_PORTABLE_BUILD}"
+        return message
+    tail = stderr.strip().splitlines()[-1][:300] if stderr.strip() else "no message"
+    return f"worker exited {returncode}: {tail}"
 
 
 def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
