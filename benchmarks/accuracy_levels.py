@@ -30,9 +30,9 @@ import numpy as np
 import onnx
 import torch
 
-from dijiang_deploy.atomic import atomic_dir
+from dijiang_deploy.contract.atomic import atomic_dir
 from dijiang_deploy.checkpoint import load_model
-from dijiang_deploy.export.manifest import MANIFEST_NAME
+from dijiang_deploy.contract.manifest import MANIFEST_NAME
 from dijiang_deploy.export.quantize import METADATA_KEY
 from dijiang_deploy.runtime import Generator
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from dijiang_deploy.checkpoint import load_model
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 from dijiang_deploy.export import calibrate
 from dijiang_deploy.finetune.data import heldout_text, load_tokenizer
 
@@ -234,7 +234,7 @@ def main() -> None:
         import onnx
 
         from dijiang_deploy.export import ExportOptions
-        from dijiang_deploy.export.manifest import Manifest
+        from dijiang_deploy.contract.manifest import Manifest
         from dijiang_deploy.export.quantize import find_linear_weights, quantize_export
         from dijiang_deploy.runtime import Generator
 

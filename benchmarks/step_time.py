@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 from dijiang_deploy.bench.profile import interleaved_step_times
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 
 
 def main() -> None:

@@ -15,24 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
+from .contract.atomic import atomic_dir
 from .config import ModelConfig
-from .errors import CheckpointError
+from .contract.errors import CheckpointError
+from .contract.names import TOKENIZER_FILES
 from .modeling.model import DiJiangForCausalLM
 
 log = logging.getLogger(__name__)
 
 #: Buffers older GPT-NeoX checkpoints carry that this implementation derives.
 _DERIVED = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

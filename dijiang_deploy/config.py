@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, UnsupportedModelError
+from .contract.errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_FAMILIES = ("gpt_neox", "llama")
 # Model types that share the LLaMA layer layout (q/k/v/o projections, RMSNorm,

@@ -18,9 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import TOKENIZER_FILES, build_from_tensors, read_weights, save_checkpoint
+from .checkpoint import build_from_tensors, read_weights, save_checkpoint
+from .contract.names import TOKENIZER_FILES
 from .config import DiJiangSettings, ModelConfig
-from .errors import CheckpointError, DiJiangError
+from .contract.errors import CheckpointError, DiJiangError
 from .modeling.decay import build_tables
 from .modeling.model import DiJiangForCausalLM
 

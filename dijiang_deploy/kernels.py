@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 
 REPO_BUILD = Path(__file__).resolve().parents[1] / "plugins" / "build" / "main"
 LIBRARY_NAME = "libdijiang_kernels.so"

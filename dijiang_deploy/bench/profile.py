@@ -52,7 +52,7 @@ def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: 
     per step and share of kernel time. MatMul-family rows also give the
     weight bytes they read and the bandwidth that implies.
     """
-    from ..export.manifest import Manifest
+    from ..contract.manifest import Manifest
     from .measure import onnx_weight_bytes_per_token
 
     folder = Path(folder)
@@ -133,7 +133,7 @@ def interleaved_step_times(
     minutes slows all folders alike. Returns, per folder (as given), the mean
     step time of each round.
     """
-    from ..export.manifest import Manifest
+    from ..contract.manifest import Manifest
 
     if rounds < 1 or steps < 1:
         raise ValueError(f"rounds and steps must be >= 1, got {rounds} and {steps}")

@@ -14,7 +14,6 @@ engine folder written atomically.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -22,10 +21,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_dir, atomic_file
-from ..checkpoint import TOKENIZER_FILES
-from ..errors import BackendUnavailableError, DiJiangError
-from ..export.manifest import MANIFEST_NAME, Manifest
+from ..contract.atomic import atomic_dir, atomic_file
+from ..contract.names import TOKENIZER_FILES
+from ..contract.errors import BackendUnavailableError, DiJiangError
+from ..contract.manifest import Manifest
 from .environment import gpu_info, import_tensorrt, load_plugin_library, tensorrt_version_tuple
 from .manifest import ENGINE_FILE, ENGINE_MANIFEST, EngineManifest, ProfileSpec
 from .options import BuildOptions, check_manifest_inputs, profile_specs
@@ -230,7 +229,7 @@ def write_engine_folder(
         else:  # pragma: no cover - programming error
             raise ValueError("engine_bytes or engine_path is required")
         (tmp / ENGINE_MANIFEST).write_text(engine_manifest.to_json())
-        (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(onnx_manifest), indent=2) + "\n")
+        onnx_manifest.write(tmp)
         for name in TOKENIZER_FILES:
             src = onnx_dir / name
             if src.exists():

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Handler of ``dijiang-deploy build``; errors are :class:`DiJiangError`."""
-    from ..export.manifest import Manifest
+    from ..contract.manifest import Manifest
     from .builder import build_engine, package_engine, plugin_needed
     from .environment import DEFAULT_PLUGIN_LIBRARY, PLUGIN_ENV, find_plugin_library
     from .options import check_manifest_inputs, profile_specs, resolve_options

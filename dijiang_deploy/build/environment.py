@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import BackendUnavailableError
+from ..contract.errors import BackendUnavailableError
 
 PLUGIN_LIBRARY_NAME = "libdijiang_trt_plugins.so"
 #: Where scripts/build_plugins.sh puts the library by default.
@@ -142,7 +142,7 @@ def load_plugin_library(trt: ModuleType, path: Path) -> object:
     Raises:
         BackendUnavailableError: the library does not load or lacks the creator.
     """
-    from ..export.schema import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+    from ..contract.names import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     key = str(Path(path).resolve())
     if key in _LOADED:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 
 ENGINE_FILE = "model.engine"
 ENGINE_MANIFEST = "engine.json"

@@ -10,8 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DiJiangError
-from ..export.manifest import Manifest
+from ..contract.errors import DiJiangError
+from ..contract.manifest import Manifest
 from .manifest import DECODE, PREFILL, ProfileSpec, ShapeRange
 from .targets import Target, check_batch_chunk, check_workspace
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 
 #: The shipped profiles: ``export/targets`` at the repository root, reached
 #: through the package's ``build/targets`` symlink (wheels carry them there).

@@ -1,8 +1,9 @@
 """ONNX export of DiJiang models: one step graph carrying the recurrent state."""
 
 from .graph import MODEL_FILE, ExportOptions, export_checkpoint, export_model
-from .manifest import MANIFEST_NAME, Manifest
-from .schema import DOMAIN, OP_TYPE, register_schema
+from ..contract.manifest import MANIFEST_NAME, Manifest
+from ..contract.names import DOMAIN, OP_TYPE
+from .schema import register_schema
 
 __all__ = [
     "DOMAIN",

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
 
 #: ``alpha`` candidates (0 = no scaling, the plain RTN baseline, is always one).

@@ -35,7 +35,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
+from ..contract.errors import ExportError
 from ..modeling.model import DiJiangForCausalLM
 
 #: RMSNormalization and RotaryEmbedding are standard from opset 23.

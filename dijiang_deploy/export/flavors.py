@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, PORTABLE_OPSET, STANDARD_OP, STANDARD_OPSET
+from ..contract.names import DOMAIN, DOMAIN_VERSION, OP_TYPE, PORTABLE_OPSET, STANDARD_OP, STANDARD_OPSET
 
 FLAVORS = ("linear-attention", "function", "plugin")
 _TRT_ONLY_ATTRS = ("plugin_version", "plugin_namespace")

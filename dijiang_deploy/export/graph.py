@@ -14,26 +14,28 @@ import dataclasses
 import copy
 import io
 import hashlib
-import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
-from ..checkpoint import TOKENIZER_FILES, load_model
-from ..errors import DiJiangError, ExportError
+from ..contract.atomic import atomic_dir
+from ..checkpoint import load_model
+from ..contract.names import TOKENIZER_FILES
+from ..contract.errors import DiJiangError, ExportError
 from ..modeling.model import DiJiangForCausalLM, DiJiangState
 from . import ops
 from .direct import DIRECT_OPSET, build_step_graph
 from .flavors import FLAVORS, apply_flavor
-from .manifest import MANIFEST_NAME, Manifest, TensorSpec, decode_op_counts
-from .schema import OP_TYPE, PORTABLE_OPSET, STANDARD_OPSET, register_schema
+from ..contract.manifest import Manifest, TensorSpec, graph_sha256
+from .op_counts import decode_op_counts
+from ..contract.names import OP_TYPE, PORTABLE_OPSET, STANDARD_OPSET
+from .schema import register_schema
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +385,8 @@ def export_model(
                 if src.exists():
                     (tmp / name).write_bytes(src.read_bytes())
         manifest.export_seconds = round(time.time() - started, 1)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        manifest.graph_sha256 = graph_sha256(tmp, MODEL_FILE)
+        manifest.write(tmp)
     return manifest
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..modeling import recurrence
-from .schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ..contract.names import DOMAIN, DOMAIN_VERSION, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 _LIB = "dijiang"
 _NAME = "linear_attention"

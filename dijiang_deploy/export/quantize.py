@@ -43,15 +43,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
+from ..contract.errors import ExportError
+from ..contract.names import QUANT_METADATA_KEY as METADATA_KEY
 
 if TYPE_CHECKING:  # graph.py imports this module lazily; avoid a cycle at import time
     from .graph import ExportOptions
 
 log = logging.getLogger(__name__)
 
-#: ``metadata_props`` key holding the quantization record (JSON).
-METADATA_KEY = "dijiang_deploy.quantization"
 #: Contrib domain of ``MatMulNBits``.
 MS_DOMAIN = "com.microsoft"
 #: The first default-domain opset whose ``DequantizeLinear`` has ``block_size`` and INT4.
@@ -692,7 +691,7 @@ def check_quantized_export(folder: str | Path) -> dict[str, Any] | None:
             float graph (or the reverse), a bit width, block size or node
             count that differs from the record, or a non-float32 state.
     """
-    from .manifest import Manifest
+    from ..contract.manifest import Manifest
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
@@ -756,11 +755,11 @@ def quantize_export(
     """
     import dataclasses
     import shutil
-    from dataclasses import asdict
 
-    from ..atomic import atomic_dir
+    from ..contract.atomic import atomic_dir
     from .graph import auto_symmetric
-    from .manifest import MANIFEST_NAME, Manifest, decode_op_counts
+    from ..contract.manifest import MANIFEST_NAME, Manifest, graph_sha256
+    from .op_counts import decode_op_counts
 
     src, dst = Path(src), Path(dst)
     manifest = Manifest.load(src)
@@ -779,39 +778,9 @@ def quantize_export(
         for item in src.iterdir():
             if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data", MANIFEST_NAME):
                 shutil.copy2(item, tmp / item.name)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        manifest.graph_sha256 = graph_sha256(tmp, manifest.model_file)
+        manifest.write(tmp)
     return quantization_info(quant) or {}
-
-
-def check_session_metadata(weights: str, metadata: dict[str, str]) -> dict[str, Any] | None:
-    """Cheap consistency check for a loaded session (no second parse of the graph).
-
-    Args:
-        weights: the manifest's ``weights`` field.
-        metadata: ``session.get_modelmeta().custom_metadata_map`` (ONNX
-            Runtime exposes the graph's ``metadata_props`` there).
-
-    Returns the quantization record, or None for a float graph.
-
-    Raises:
-        ExportError: the manifest and the graph disagree on the weight format.
-    """
-    raw = metadata.get(METADATA_KEY)
-    info = None
-    if raw is not None:
-        try:
-            info = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ExportError(f"the graph's {METADATA_KEY} metadata is not valid JSON") from None
-    graph = info.get("weights") if info else None
-    if weights in BITS and graph != weights:
-        raise ExportError(
-            f"manifest says weights {weights} but the graph is {graph or 'not quantized'}: "
-            "the folder mixes files from different exports; re-export it"
-        )
-    if weights not in BITS and graph is not None:
-        raise ExportError(f"manifest says weights {weights} but the graph is {graph}: re-export the folder")
-    return info
 
 
 #: Quality gates of issue #7 against the float32 export: (min top-1 agreement, max perplexity increase).
@@ -854,8 +823,8 @@ def write_qdq_export(src: str | Path, dst: str | Path, overwrite: bool = False) 
     """
     import shutil
 
-    from ..atomic import atomic_dir
-    from .manifest import MANIFEST_NAME, Manifest
+    from ..contract.atomic import atomic_dir
+    from ..contract.manifest import MANIFEST_NAME, Manifest, graph_sha256
 
     src, dst = Path(src), Path(dst)
     info = check_quantized_export(src)
@@ -877,9 +846,10 @@ def write_qdq_export(src: str | Path, dst: str | Path, overwrite: bool = False) 
         )
         onnx.checker.check_model(str(tmp / manifest.model_file), full_check=True)
         for item in src.iterdir():
-            if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data"):
+            if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data", MANIFEST_NAME):
                 shutil.copy2(item, tmp / item.name)
-        assert (tmp / MANIFEST_NAME).exists()
+        manifest.graph_sha256 = graph_sha256(tmp, manifest.model_file)
+        manifest.write(tmp)
     return quantization_info(qdq) or {}
 
 
@@ -889,8 +859,7 @@ __all__ = [
     "METADATA_KEY",
     "QUALITY_TARGETS",
     "check_quantized_export",
-    "check_session_metadata",
-    "quality_report",
+        "quality_report",
     "dequantized_weights",
     "find_linear_weights",
     "matmulnbits_to_qdq",

@@ -7,19 +7,9 @@ is the contract these constants follow.
 
 from __future__ import annotations
 
-import onnx
 from onnx import defs, helper
 
-DOMAIN = "com.dijiang_deploy"
-OP_TYPE = "DiJiangLinearAttention"
-DOMAIN_VERSION = 1
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "dijiang"
-#: The standard operator and the opset that introduced it.
-STANDARD_OP = "LinearAttention"
-STANDARD_OPSET = 27
-#: Default-domain opset of the ``function`` and ``plugin`` flavors.
-PORTABLE_OPSET = 21
+from ..contract.names import DOMAIN, DOMAIN_VERSION, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 _DOC = """DiJiang attention recurrence (semantics of ONNX LinearAttention, opset 27).
 gated:  S_t = exp(g_t) * S_{t-1} + k_t v_t^T ; o_t = scale * q_t^T S_t
@@ -75,9 +65,3 @@ def register_schema() -> None:
     except defs.SchemaError:
         pass
     defs.register_schema(make_schema())
-
-
-def opset_imports(flavor: str) -> list[onnx.OperatorSetIdProto]:
-    if flavor == "linear-attention":
-        return [helper.make_opsetid("", STANDARD_OPSET)]
-    return [helper.make_opsetid("", PORTABLE_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 from .quant_aware import QuantAwareConfig
 
 

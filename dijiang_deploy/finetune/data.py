@@ -22,7 +22,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..convert import EMBEDDED_MODELS, BaseModel, convert_base, embedded_model_path, load_base
-from ..errors import CheckpointError, DiJiangError
+from ..contract.errors import CheckpointError, DiJiangError
 from ..modeling.attention import DiJiangAttention
 from ..modeling.model import DiJiangForCausalLM
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import UnsupportedModelError
+from ..contract.errors import UnsupportedModelError
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import PositionLimitError, UnsupportedModelError
+from ..contract.errors import PositionLimitError, UnsupportedModelError
 from .attention import DiJiangAttention, LlamaAttention, NeoXAttention, Recurrence
 from .layers import LlamaMLP, NeoXMLP, RMSNorm, RotaryEmbedding
 

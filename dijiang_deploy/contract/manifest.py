@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
+from .errors import ExportError
+from .names import (
+    ATTENTION_MASK, INPUT_IDS, INTEGER_WEIGHTS, LOGITS, MANIFEST_NAME, PAST_POSITION, QUANT_METADATA_KEY, past_state,
+    present_state,
+)
 
-from ..errors import ExportError
-
-MANIFEST_NAME = "manifest.json"
 FORMAT = "dijiang-onnx/1"
+#: numpy dtype names a state may have, with their sizes in bytes.
+STATE_DTYPES = {"float32": 4}
 
 
 @dataclass
@@ -59,18 +62,44 @@ class Manifest:
     state_dtype: str = "float32"
     format: str = FORMAT
     export_seconds: float = 0.0
+    #: SHA-256 of the graph file and its external data, written at export;
+    #: part of :meth:`fingerprint`. None in folders from older exports.
+    graph_sha256: str | None = None
 
     @property
     def state_inputs(self) -> list[str]:
-        return [f"past_state.{i}" for i in range(self.num_layers)]
+        return [past_state(i) for i in range(self.num_layers)]
 
     @property
     def state_outputs(self) -> list[str]:
-        return [f"present_state.{i}" for i in range(self.num_layers)]
+        return [present_state(i) for i in range(self.num_layers)]
 
     def state_bytes(self, batch: int = 1) -> int:
+        """Bytes of the recurrent state of ``batch`` sequences."""
         h, d1, d2 = self.state_shape
-        return batch * self.num_layers * h * d1 * d2 * 4
+        return batch * self.num_layers * h * d1 * d2 * STATE_DTYPES[self.state_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``manifest.json`` holds."""
+        return asdict(self)
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def fingerprint(self) -> str:
+        """SHA-256 naming this exact export: the manifest's content, which
+        includes the graph's own hash (computed here for older folders).
+
+        A state file records it, so a state is never loaded into another model.
+        """
+        data = self.to_dict()
+        data.pop("export_seconds", None)
+        folder = getattr(self, "loaded_from", None)
+        if data.get("graph_sha256") is None and folder is not None:
+            data["graph_sha256"] = graph_sha256(folder, self.model_file)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
@@ -102,6 +131,8 @@ class Manifest:
             manifest.check_consistent()
         except ExportError as exc:
             raise ExportError(f"{path}: {exc}") from None
+        #: Where it was read from (not a field: never written back).
+        manifest.loaded_from = folder
         return manifest
 
     def check_graph(
@@ -126,6 +157,33 @@ class Manifest:
                         f"{spec.shape} in the manifest (re-export the folder)"
                     )
 
+    def check_metadata(self, metadata: dict[str, str]) -> dict[str, Any] | None:
+        """Check the graph's metadata (``session.get_modelmeta().custom_metadata_map``)
+        against ``weights``: catches a folder whose manifest and graph come from
+        different exports without parsing the graph again.
+
+        Returns the graph's quantization record, or None for a float graph.
+
+        Raises:
+            ExportError: the manifest and the graph disagree on the weight format.
+        """
+        raw = metadata.get(QUANT_METADATA_KEY)
+        info = None
+        if raw is not None:
+            try:
+                info = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ExportError(f"the graph's {QUANT_METADATA_KEY} metadata is not valid JSON") from None
+        graph = info.get("weights") if isinstance(info, dict) else None
+        if self.weights in INTEGER_WEIGHTS and graph != self.weights:
+            raise ExportError(
+                f"manifest says weights {self.weights} but the graph is {graph or 'not quantized'}: "
+                "the folder mixes files from different exports; re-export it"
+            )
+        if self.weights not in INTEGER_WEIGHTS and graph is not None:
+            raise ExportError(f"manifest says weights {self.weights} but the graph is {graph}: re-export the folder")
+        return info
+
     def check_consistent(self) -> None:
         """Raise if the manifest's sizes are malformed or contradict its own input/output list.
 
@@ -139,8 +197,10 @@ class Manifest:
         for name in ("num_layers", "vocab_size", "max_chunk"):
             if not _positive_int(getattr(self, name)):
                 raise ExportError(f"malformed manifest: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ExportError(f"malformed manifest: state_dtype must be one of {sorted(STATE_DTYPES)}, got {self.state_dtype!r}")
         names = [t.name for t in self.inputs]
-        want = ["input_ids", "attention_mask", "past_position", *self.state_inputs]
+        want = [INPUT_IDS, ATTENTION_MASK, PAST_POSITION, *self.state_inputs]
         if names != want:
             raise ExportError(
                 f"manifest is inconsistent: num_layers {self.num_layers} needs the inputs input_ids, attention_mask, "
@@ -151,7 +211,7 @@ class Manifest:
         for t in self.inputs[3:] + self.outputs[1:]:
             if not _shapes_agree(t.shape, state):
                 raise ExportError(f"manifest is inconsistent: state_shape {self.state_shape}, but {t.name} is {t.shape}")
-        if not self.outputs or self.outputs[0].name != "logits" or self.outputs[0].shape[-1:] != [self.vocab_size]:
+        if not self.outputs or self.outputs[0].name != LOGITS or self.outputs[0].shape[-1:] != [self.vocab_size]:
             first = self.outputs[0] if self.outputs else None
             raise ExportError(
                 f"manifest is inconsistent: vocab_size {self.vocab_size}, but the first output is "
@@ -168,15 +228,14 @@ def _shapes_agree(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b))
 
 
-def decode_op_counts(model: onnx.ModelProto, num_layers: int) -> dict[str, float]:
-    """Nodes per op type per layer that a one-token (decode) step runs.
-
-    That is the whole main graph, plus, for each ``If``, its ``then_branch``:
-    the inline graph's ``If`` takes it for one-token steps.
-    """
-    counts = Counter(n.op_type for n in model.graph.node)
-    for node in model.graph.node:
-        if node.op_type == "If":
-            then = next(a.g for a in node.attribute if a.name == "then_branch")
-            counts.update(n.op_type for n in then.node)
-    return {op: round(c / num_layers, 2) for op, c in sorted(counts.items())}
+def graph_sha256(folder: str | Path, model_file: str) -> str:
+    """SHA-256 of ``model_file`` and, if present, its external data file."""
+    digest = hashlib.sha256()
+    for name in (model_file, model_file + ".data"):
+        path = Path(folder) / name
+        if path.exists():
+            digest.update(name.encode())
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
