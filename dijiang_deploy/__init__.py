@@ -2,23 +2,38 @@
 
 The data path: checkpoint -> :func:`load_model` -> ONNX export -> TensorRT
 engine -> runtime :class:`~dijiang_deploy.runtime.Generator`.
+
+The PyTorch names below load on first use, so ``import dijiang_deploy.runtime``
+works with the core install (no torch).
 """
 
-from .checkpoint import load_model, save_checkpoint
-from .config import DiJiangSettings, ModelConfig
-from .errors import DiJiangError
-from .modeling import DiJiangForCausalLM, DiJiangOutput, DiJiangState
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "DiJiangError",
-    "DiJiangForCausalLM",
-    "DiJiangOutput",
-    "DiJiangSettings",
-    "DiJiangState",
-    "ModelConfig",
-    "__version__",
-    "load_model",
-    "save_checkpoint",
-]
+from .contract.errors import DiJiangError
+
+__version__ = "0.2.0"
+
+#: Public names of the modeling layer and where they live (imported lazily: torch).
+_LAZY = {
+    "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "DiJiangSettings": "config",
+    "ModelConfig": "config",
+    "DiJiangForCausalLM": "modeling",
+    "DiJiangOutput": "modeling",
+    "DiJiangState": "modeling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DiJiangError", "__version__", *_LAZY]

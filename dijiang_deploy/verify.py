@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoint import checkpoint_folder, load_model
-from .errors import DiJiangError
+from .contract.errors import DiJiangError
 
 #: Float32 logits may differ from the exact (float64) ones by this share of
 #: the largest exact logit at most, whatever PyTorch's own float32 error is:
@@ -178,7 +178,7 @@ def verify(
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
     prompt = input_ids[0, :16].tolist()
     ours = gen.generate(prompt, max_new_tokens=greedy_tokens).token_ids[0]
-    theirs = _torch_greedy(model, prompt, greedy_tokens, gen._eos_ids())
+    theirs = _torch_greedy(model, prompt, greedy_tokens, gen.model.eos_ids)
     report = VerifyReport(
         max_abs=float(diff.max()),
         max_rel=float(rel.max()),

@@ -3,24 +3,27 @@
 Stage 1 (attention transfer) teaches every DiJiang layer to reproduce the
 softmax teacher's attention output; stage 2 distils the teacher's next-token
 distribution end to end. See :func:`finetune` and :func:`evaluate`.
+
+The names below load on first use (they need torch), so the ``finetune``
+subcommand's parser is cheap to build.
 """
 
-from .api import FinetuneResult, finetune
-from .config import DataConfig, FinetuneConfig, Stage1Config, Stage2Config
-from .data import DataError
-from .evaluate import EvalResult, evaluate
-from .teacher import SoftmaxTeacher, load_teacher
+from __future__ import annotations
 
-__all__ = [
-    "DataConfig",
-    "DataError",
-    "EvalResult",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "SoftmaxTeacher",
-    "Stage1Config",
-    "Stage2Config",
-    "evaluate",
-    "finetune",
-    "load_teacher",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FinetuneResult": "api", "finetune": "api",
+    "DataConfig": "config", "FinetuneConfig": "config", "Stage1Config": "config", "Stage2Config": "config",
+    "DataError": "data", "EvalResult": "perplexity", "evaluate": "perplexity",
+    "SoftmaxTeacher": "teacher", "load_teacher": "teacher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

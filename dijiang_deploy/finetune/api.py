@@ -17,14 +17,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..atomic import atomic_file
+from ..contract.atomic import atomic_file
 from ..checkpoint import checkpoint_folder, load_model, save_checkpoint
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
 from .config import FinetuneConfig
 from .data import PROMPTS, DataError, builtin_corpus, load_tokenizer, pack, read_text_source
 from .e2e import distill_loss
-from .evaluate import evaluate
+from .perplexity import evaluate
 from .lora import add_adapters, merge_adapters
 from .quant_aware import RECORD_KEY as QUANT_RECORD_KEY, QuantAwareConfig, WeightGrid, calibrate_in_place
 from .teacher import SoftmaxTeacher, load_teacher, recorded_source

@@ -45,7 +45,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .perplexity import evaluate
 
     import torch
 
@@ -58,7 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
     )
     answers = []
     if args.chat:
-        from .evaluate import CHAT_QUESTIONS, greedy_answers
+        from .perplexity import CHAT_QUESTIONS, greedy_answers
 
         answers = list(zip(CHAT_QUESTIONS, greedy_answers(args.model_dir, max_new_tokens=args.chat_tokens)))
     if args.json:
@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``finetune`` and ``eval`` on the main CLI's subparsers.
 
-    Handlers raise :class:`~dijiang_deploy.errors.DiJiangError` subclasses for
+    Handlers raise :class:`~dijiang_deploy.contract.errors.DiJiangError` subclasses for
     bad input, which the main CLI prints as one line (exit status 2).
     """
     p = subparsers.add_parser(

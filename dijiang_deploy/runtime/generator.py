@@ -1,7 +1,14 @@
-"""Fixed-memory streaming generation over an exported step graph."""
+"""``Generator``: generate and score with one call, over sessions and the engine.
+
+One prompt runs on its own :class:`~.session.Session`; a batch of prompts
+runs on a private :class:`~.engine.Engine` (rows leave as they finish).
+Every call has its own state, so calls on one Generator never disturb each
+other, streams included.
+"""
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,38 +16,20 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import DiJiangError, ExportError, PositionLimitError
-from ..export.manifest import Manifest
-from .sampling import Sampler, SamplingOptions
+from ..contract.errors import DiJiangError
+from ..contract.manifest import Manifest
+from .chunks import plan_chunks
+from .engine import Engine, Request, RequestOutput
+from .model import Model
+from .sampling import SamplingParams
+from .session import GenerationStats, TokenEvent
 
-
-@dataclass
-class GenerationStats:
-    """Token counts and wall-clock seconds of one ``generate`` call.
-
-    ``decode_steps`` counts the one-token graph runs: the first new token
-    comes from the prefill's logits, and the step that produced an
-    end-of-sequence token counts although that token is not returned.
-    """
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+__all__ = ["GenerationResult", "GenerationStats", "GenerationStream", "Generator", "StreamEvent"]
 
 
 @dataclass
 class GenerationResult:
-    """Generated ids per row (prompt excluded), their text, and timing."""
+    """Generated ids per row (prompt excluded), their text, why each stopped, timing."""
 
     token_ids: list[list[int]]
     texts: list[str]
@@ -54,18 +43,18 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """One generated token of row ``row``; ``text`` is its newly decoded text."""
+    """One generated token of row ``row``; ``text`` is its newly decoded text
+    (``token_id`` None: only the text held back until the end)."""
 
     row: int
-    token_id: int
+    token_id: int | None
     text: str
 
 
 class GenerationStream:
     """What ``generate(..., stream=True)`` returns: an iterator of :class:`StreamEvent`.
 
-    ``result`` (the :class:`GenerationResult`: finish reasons, timings) is
-    None until the iterator is exhausted.
+    ``result`` (the :class:`GenerationResult`) is None until it is exhausted.
     """
 
     def __init__(self, run: Iterator[StreamEvent | GenerationResult]):
@@ -89,13 +78,13 @@ class Generator:
 
     Use :meth:`from_pretrained`. Memory is fixed: the recurrent state
     (``layers x [B, H, d, d]`` float32) and IO buffers are allocated once per
-    batch size and reused for every token.
+    call and reused for every token.
     """
 
-    def __init__(self, backend, tokenizer=None):
-        self.backend = backend
-        self.manifest: Manifest = backend.manifest
-        self.tokenizer = tokenizer
+    def __init__(self, model: Model):
+        self.model = model
+        self.manifest: Manifest = model.manifest
+        self.tokenizer = model.tokenizer
 
     @classmethod
     def from_pretrained(
@@ -106,154 +95,16 @@ class Generator:
         threads: int | None = None,
         load_tokenizer: bool = True,
     ) -> "Generator":
-        """Open an export folder.
+        """Open an export folder (see :meth:`Model.open`)."""
+        return cls(Model.open(folder, backend=backend, providers=providers, threads=threads, load_tokenizer=load_tokenizer))
 
-        Args:
-            backend: ``ort`` (ONNX Runtime; CPU by default, ``providers``
-                selects e.g. ``CUDAExecutionProvider``) or ``trt``.
-            threads: ONNX Runtime intra-op threads.
-            load_tokenizer: load the tokenizer files saved beside the graph.
-        """
-        if backend == "ort":
-            from .ort_backend import OrtBackend, default_threads
-
-            impl = OrtBackend(folder, providers=providers, threads=threads or default_threads())
-        elif backend == "trt":
-            if providers:
-                raise DiJiangError("providers apply to backend='ort' only")
-            from .trt_backend import TrtBackend
-
-            # ``folder`` is an engine folder (dijiang-deploy build): it carries
-            # the manifest and the tokenizer files like an export folder.
-            impl = TrtBackend(folder)
-        else:
-            raise DiJiangError(f"unknown backend {backend!r}; use 'ort' or 'trt'")
-        tokenizer = _load_tokenizer(Path(folder)) if load_tokenizer else None
-        return cls(impl, tokenizer)
-
-    # -- helpers --------------------------------------------------------------
-
-    def _check_positions(self, longest: int) -> None:
-        limit = self.manifest.position_limit
-        if limit is not None and longest > limit:
-            raise PositionLimitError(
-                f"input of {longest} tokens is past this model's limit of {limit} positions "
-                "(its decay tables are not geometric, so they cannot be extended)"
-            )
-
-    def _prefill(self, rows: Sequence[Sequence[int]], collect_all: bool = False) -> np.ndarray:
-        """Feed left-padded prompts chunk by chunk; returns the last logits ``[B, V]``
-        (or, with ``collect_all``, all positions ``[B, N, V]`` aligned right)."""
-        b = len(rows)
-        lengths = [len(r) for r in rows]
-        if min(lengths) == 0:
-            raise DiJiangError("empty prompt: give at least one token")
-        n = max(lengths)
-        self._check_positions(n)
-        chunk = self.manifest.max_chunk
-        # Left-pad so every row's last token sits at the end; pad the front of
-        # the sequence up to a whole number of chunks so only two buffer
-        # shapes (chunk and 1) ever exist. Padding leaves the state untouched.
-        total = -(-n // chunk) * chunk if chunk > 1 else n
-        ids = np.zeros((b, total), np.int64)
-        mask = np.zeros((b, total), np.int64)
-        for i, r in enumerate(rows):
-            ids[i, total - len(r) :] = r
-            mask[i, total - len(r) :] = 1
-        be = self.backend
-        be.allocate(b)
-        be.reset()
-        every = self.manifest.logits == "all"
-        gathered = np.zeros((b, total, self.manifest.vocab_size), np.float32) if collect_all else None
-        logits = None
-        for start in range(0, total, chunk):
-            sl = slice(start, start + chunk)
-            if not mask[:, sl].any():
-                continue
-            if collect_all and not every:
-                # A last-logits graph scores one position per step.
-                for t in range(start, start + chunk):
-                    if mask[:, t].any():
-                        out = be.step(ids[:, t : t + 1], mask[:, t : t + 1])
-                        gathered[:, t] = out[:, -1]
-                continue
-            out = be.step(ids[:, sl], mask[:, sl])
-            if collect_all:
-                gathered[:, sl] = out
-            logits = out[:, -1]
-        if collect_all:
-            return gathered[:, total - n :]
-        return np.array(logits, dtype=np.float32)
+    # -- text -----------------------------------------------------------------
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if self.tokenizer is None:
-            raise DiJiangError("no tokenizer in this export folder: pass token ids instead of text")
+        tok = self.model.require_tokenizer()
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise DiJiangError("this tokenizer has no chat template; run without --chat")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-
-    def _eos_ids(self) -> set[int]:
-        eos = self.manifest.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
-
-    # -- public API ---------------------------------------------------------------
-
-    def score(self, input_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-        """Logits for every position, ``[B, N, V]`` float32, computed in chunks.
-
-        Rows must all have length N (no padding).
-        """
-        arr = np.asarray(input_ids, dtype=np.int64)
-        if arr.ndim != 2 or arr.shape[1] == 0:
-            raise DiJiangError(f"input_ids must be a non-empty [B, N] array, got shape {arr.shape}")
-        return self._prefill(arr.tolist(), collect_all=True)
-
-    def generate(
-        self,
-        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-        stream: bool = False,
-        chat: bool = False,
-    ) -> GenerationResult | GenerationStream:
-        """Generate from one prompt or a batch of prompts (text or token ids).
-
-        Greedy by default. Batch rows may differ in length. With ``stream``
-        returns a :class:`GenerationStream` of :class:`StreamEvent`; its
-        ``result`` (the full :class:`GenerationResult`) is set once the
-        stream is exhausted.
-        """
-        rows = self._rows(prompt, chat)
-        options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
-        try:
-            sampler = Sampler(options)
-        except ValueError as exc:
-            raise DiJiangError(str(exc)) from None
-        if max_new_tokens < 1:
-            raise DiJiangError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        run = self._run(rows, max_new_tokens, sampler, list(stop or []))
-        events = GenerationStream(run)
-        if stream:
-            return events
-        for _ in events:
-            pass
-        assert events.result is not None
-        return events.result
+            return tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return tok.encode(prompt)
 
     def _rows(self, prompt, chat: bool) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -267,95 +118,132 @@ class Generator:
             return [self.encode(x, chat) for x in items]
         return [[int(t) for t in row] for row in items]
 
-    def _run(self, rows: list[list[int]], max_new: int, sampler: Sampler, stop: list[str]):
-        b = len(rows)
-        stats = GenerationStats(prompt_tokens=sum(len(r) for r in rows))
-        limit = self.manifest.position_limit
+    # -- scoring ----------------------------------------------------------------
+
+    def score(self, input_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits for every position, ``[B, N, V]`` float32, fed in chunks.
+
+        Rows must all have length N (no padding). A ``--logits last`` export
+        scores one position per step.
+        """
+        arr = np.asarray(input_ids, dtype=np.int64)
+        if arr.ndim != 2 or arr.shape[1] == 0:
+            raise DiJiangError(f"input_ids must be a non-empty [B, N] array, got shape {arr.shape}")
+        b, n = arr.shape
+        self.model.check_tokens(arr.reshape(-1).tolist())
+        self.model.check_length(n)
+        every = self.manifest.logits == "all"
+        lane = self.model.lane(b, self.model.prefill_lengths if every else (1,))
+        out = np.zeros((b, n, self.manifest.vocab_size), np.float32)
+        at = 0
+        for length, real in plan_chunks(n, lane.lengths) if every else [(1, 1)] * n:
+            ids = np.zeros((b, length), np.int64)
+            mask = np.zeros((b, length), np.int64)
+            ids[:, length - real:] = arr[:, at : at + real]
+            mask[:, length - real:] = 1
+            logits = lane.step(ids, mask)
+            out[:, at : at + real] = logits[:, -real:] if every else logits[:, -1:]
+            at += real
+        return out
+
+    # -- generation -----------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        chat: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+    ) -> GenerationResult | GenerationStream:
+        """Generate from one prompt or a batch of prompts (text or token ids).
+
+        Greedy by default; rows may differ in length. With ``stream`` returns
+        a :class:`GenerationStream` of :class:`StreamEvent`; its ``result``
+        is set once the stream is exhausted. Seeded sampling gives the same
+        tokens for a row whatever else is in the batch.
+
+        Raises:
+            DiJiangError: an empty prompt, invalid sampling values, past the
+                model's position limit.
+        """
+        rows = self._rows(prompt, chat)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, seed=seed)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DiJiangError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for r in rows:
+            if not r:
+                raise DiJiangError("empty prompt: give at least one token")
+            self.model.check_tokens(r)
+            self.model.check_length(len(r))
+        stops = list(stop or [])
+        run = self._one(rows[0], max_new_tokens, params, stops) if len(rows) == 1 else self._batch(rows, max_new_tokens, params, stops)
+        events = GenerationStream(run)
+        if stream:
+            return events
+        for _ in events:
+            pass
+        assert events.result is not None
+        return events.result
+
+    def _one(self, row: list[int], max_new: int, params: SamplingParams, stop: list[str]):
+        session = self.model.session()
         t0 = time.perf_counter()
-        logits = self._prefill(rows)
-        stats.prefill_seconds = time.perf_counter() - t0
-        eos = self._eos_ids()
-        generated: list[list[int]] = [[] for _ in range(b)]
-        texts = [""] * b
-        reasons = ["length"] * b
-        done = np.zeros(b, bool)
-        detok = [_Detokenizer(self.tokenizer) for _ in range(b)]
-        ids = np.zeros((b, 1), np.int64)
-        mask = np.ones((b, 1), np.int64)
-        decode_start = time.perf_counter()
-        for step in range(max_new):
-            for i in range(b):
-                if done[i]:
-                    continue
-                seen = np.asarray(rows[i] + generated[i], np.int64)
-                tok = sampler(logits[i], seen)
-                if tok in eos:
-                    done[i], reasons[i] = True, "eos"
-                    continue
-                generated[i].append(tok)
-                piece = ""
-                if self.tokenizer is not None:
-                    piece = detok[i].push(generated[i])
-                    texts[i] += piece
-                    if any(s in texts[i] for s in stop):
-                        done[i], reasons[i] = True, "stop"
-                yield StreamEvent(i, tok, piece)
-                ids[i, 0] = tok
-                if limit is not None and len(rows[i]) + len(generated[i]) >= limit:
-                    done[i], reasons[i] = True, "position_limit"
-            stats.new_tokens = max(len(g) for g in generated) if generated else 0
-            if done.all() or step == max_new - 1:
-                break
-            mask[:, 0] = (~done).astype(np.int64)
-            logits = np.array(self.backend.step(ids, mask)[:, -1], dtype=np.float32)
-            stats.decode_steps += 1
-        stats.decode_seconds = time.perf_counter() - decode_start
-        texts = [_cut_at_stop(t, stop) for t in texts]
-        yield GenerationResult(generated, texts, reasons, stats)
+        session.append(row)
+        prefill = time.perf_counter() - t0
+        inner = session.generate(max_new, params, stop=stop, stream=True, feed_last=False)
+        for ev in inner:
+            yield StreamEvent(0, ev.token_id, ev.text)
+        out = inner.output
+        assert out is not None
+        out.stats.prompt_tokens = len(row)
+        out.stats.prefill_seconds = prefill
+        yield GenerationResult([out.token_ids], [out.text], [out.finish_reason], out.stats)
 
+    def _batch(self, rows: list[list[int]], max_new: int, params: SamplingParams, stop: list[str]):
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        index: dict[str, int] = {}
 
-class _Detokenizer:
-    """Incremental decoding in O(1) per token.
+        def sink(handle, item) -> None:
+            events.put((index[handle.request_id], item))
 
-    Decodes a short window of recent tokens and emits only text that became
-    final, so multi-byte characters split across tokens are not printed
-    half-way (a trailing U+FFFD means "wait for the next token").
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, tokens: list[int]) -> str:
-        dec = self.tokenizer.decode
-        before = dec(tokens[self.prefix : self.read], skip_special_tokens=True)
-        after = dec(tokens[self.prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(tokens)
-            return after[len(before) :]
-        return ""
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        j = text.find(s)
-        if j >= 0:
-            cut = min(cut, j)
-    return text[:cut]
-
-
-def _load_tokenizer(folder: Path):
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers' errors for missing/bad files
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"{folder}: cannot load the tokenizer saved beside the graph ({reason}); copy tokenizer.json and "
-            "tokenizer_config.json from the checkpoint, or pass token ids (load_tokenizer=False)"
-        ) from None
+        engine = Engine(self.model, max_batch=len(rows), prefill_rows=len(rows),
+                        step_tokens=self.manifest.max_chunk * len(rows))
+        t0 = time.perf_counter()
+        try:
+            for i, row in enumerate(rows):
+                rid = f"row-{i}"
+                index[rid] = i
+                engine.submit(Request(row, max_new, params, stop, request_id=rid), sink=sink)
+            outputs: dict[int, RequestOutput] = {}
+            while len(outputs) < len(rows):
+                i, item = events.get()
+                if isinstance(item, TokenEvent):
+                    yield StreamEvent(i, item.token_id, item.text)
+                else:
+                    outputs[i] = item
+        finally:
+            engine.close()
+        total = time.perf_counter() - t0
+        outs = [outputs[i] for i in range(len(rows))]
+        failed = [o for o in outs if o.finish_reason == "error"]
+        if failed:
+            raise DiJiangError(f"generation failed: {failed[0].error}")
+        first = max((o.first_token_seconds or 0.0) for o in outs)
+        stats = GenerationStats(
+            prompt_tokens=sum(len(r) for r in rows),
+            new_tokens=max(len(o.token_ids) for o in outs),
+            prefill_seconds=first,
+            decode_seconds=max(0.0, total - first),
+            decode_steps=max(o.decode_steps for o in outs),
+        )
+        yield GenerationResult([o.token_ids for o in outs], [o.text for o in outs], [o.finish_reason for o in outs], stats)

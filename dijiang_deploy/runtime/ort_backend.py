@@ -1,10 +1,19 @@
-"""ONNX Runtime backend: one session, buffers allocated once, IOBinding.
+"""ONNX Runtime backend: one shared session, lanes of preallocated rows, IOBinding.
 
-Memory is fixed per (batch, chunk): the state lives in two sets of numpy
-buffers (ping-pong: a step reads one set and writes the other, so no output
-ever aliases an input), token/mask buffers exist for the prefill chunk length
-and for decode (length 1), and logits buffers likewise. Nothing grows with the
-number of tokens generated.
+A :class:`OrtGraph` opens the step graph once. A :class:`OrtLane` is a set of
+``capacity`` sequence rows with their state buffers, bound once per shape:
+a step runs the first ``k`` rows (padded up to a bucket of 1, 2, 4, ...
+rows, so few shapes ever exist) for one chunk length. States ping-pong
+between two buffer sets (a step reads one set and writes the other, so no
+output aliases an input). Nothing grows with the number of tokens.
+
+Rows beyond the first ``k`` are not touched by a step; padded rows (mask 0)
+pass their state through unchanged, bit for bit. The caller keeps the rows
+it uses in ``[0, k)`` (:meth:`OrtLane.move_row` compacts).
+
+With the CUDA execution provider the state buffers live on the device as
+OrtValues and stay there between steps; rows cross to the host only when a
+session reads or writes one (:class:`_DeviceRows`).
 """
 
 from __future__ import annotations
@@ -12,42 +21,59 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
-import onnx
 
-from ..errors import BackendUnavailableError, ExportError
-from ..export.manifest import Manifest
-from ..export.schema import DOMAIN, OP_TYPE, register_schema
+from ..contract.errors import BackendUnavailableError, ExportError
+from ..contract.manifest import Manifest
+from ..contract.names import DOMAIN, OP_TYPE
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Slot:
-    """Buffers for one sequence length (1 or the prefill chunk)."""
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - onnxruntime is a core dependency
+        raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from None
+    return ort
 
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    logits: np.ndarray
+
+def default_threads() -> int | None:
+    env = os.environ.get("DIJIANG_THREADS")
+    return int(env) if env else None
 
 
-class OrtBackend:
-    """Drives the step graph on ONNX Runtime with preallocated buffers.
+def buckets(capacity: int) -> list[int]:
+    """Row counts a lane steps with: powers of two below ``capacity``, and ``capacity``."""
+    out, b = [], 1
+    while b < capacity:
+        out.append(b)
+        b *= 2
+    return out + [capacity]
+
+
+class OrtGraph:
+    """The step graph of an export folder on ONNX Runtime.
 
     Args:
         folder: export folder (``manifest.json`` + ``model.onnx``).
-        providers: ONNX Runtime execution providers (default: CPU).
+        providers: execution providers (default: CPU).
         threads: intra-op threads (default: ONNX Runtime's choice).
+
+    Raises:
+        ExportError: missing or unreadable graph, or a graph that does not
+            match its manifest.
+        BackendUnavailableError: a provider this onnxruntime build lacks.
     """
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 manifest: Manifest | None = None):
+        ort = _import_ort()
         self.folder = Path(folder)
-        self.manifest = Manifest.load(self.folder)
+        self.manifest = manifest or Manifest.load(self.folder)
         path = self.folder / self.manifest.model_file
         if not path.exists():
             raise ExportError(f"{path}: model file named by the manifest is missing")
@@ -58,6 +84,7 @@ class OrtBackend:
                 f"ONNX Runtime provider(s) {', '.join(missing)} not available in this onnxruntime build "
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -65,7 +92,7 @@ class OrtBackend:
         so.log_severity_level = 3
         model_arg: str | bytes = str(path)
         if self.manifest.flavor == "plugin":
-            model_arg = self._plugin_graph_for_ort(path, so)
+            model_arg = _plugin_graph_for_ort(path, so)
         try:
             self.session = ort.InferenceSession(model_arg, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -73,145 +100,255 @@ class OrtBackend:
         graph_in = [(i.name, _np_name(i.type), i.shape) for i in self.session.get_inputs()]
         graph_out = [(o.name, _np_name(o.type), o.shape) for o in self.session.get_outputs()]
         self.manifest.check_graph(graph_in, graph_out)
-        from ..export.quantize import check_session_metadata
-
-        # A quantized graph records its format in metadata: catches a folder
-        # whose manifest and graph come from different exports.
-        self.quantization = check_session_metadata(
-            self.manifest.weights, self.session.get_modelmeta().custom_metadata_map
-        )
+        self.quantization = self.manifest.check_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.logits_dtype = np.dtype(self.manifest.outputs[0].dtype)
-        self.batch = 0
-        self._slots: dict[int, _Slot] = {}
-        self._states: list[list[np.ndarray]] = []
+
+    def lane(self, capacity: int, lengths: Sequence[int] = (1,)) -> "OrtLane":
+        return OrtLane(self, capacity, lengths)
+
+
+class OrtLane:
+    """``capacity`` sequence rows with fixed buffers, stepped ``k`` rows at a time.
+
+    Args:
+        graph: the shared :class:`OrtGraph`.
+        capacity: rows (sequences) this lane holds.
+        lengths: chunk lengths its steps use (each gets its own token and
+            logits buffers; e.g. ``(1,)`` for decode only).
+    """
+
+    def __init__(self, graph: OrtGraph, capacity: int, lengths: Sequence[int] = (1,)):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        m = graph.manifest
+        self.graph, self.manifest = graph, m
+        self.capacity = capacity
+        self.lengths = sorted(set(int(n) for n in lengths))
+        self.buckets = buckets(capacity)
+        rows = _DeviceRows if graph.device == "cuda" else _HostRows
+        self._states = [rows(capacity, m.num_layers, m.state_shape) for _ in range(2)]
         self._current = 0
-        self.position = np.zeros(0, np.int64)
+        self.positions = np.zeros(capacity, np.int64)
+        self._ids = {n: np.zeros((capacity, n), np.int64) for n in self.lengths}
+        self._mask = {n: np.zeros((capacity, n), np.int64) for n in self.lengths}
+        self._logits = {
+            n: np.zeros((capacity, 1 if m.logits == "last" else n, m.vocab_size), graph.logits_dtype) for n in self.lengths
+        }
+        self._bindings: dict[tuple[int, int, int], Any] = {}
 
-    # -- setup --------------------------------------------------------------
+    def bucket(self, k: int) -> int:
+        for b in self.buckets:
+            if b >= k:
+                return b
+        raise ValueError(f"{k} rows exceed this lane's capacity {self.capacity}")
 
-    def _plugin_graph_for_ort(self, path: Path, so) -> bytes:
-        """Route plugin nodes to the numpy reference op (onnxruntime-extensions)."""
-        from .reference_op import register_python_custom_op
+    # -- rows -----------------------------------------------------------------
 
-        try:
-            from onnxruntime_extensions import get_library_path
-        except ImportError:
-            raise BackendUnavailableError(
-                "this export uses the 'plugin' attention op, which ONNX Runtime runs only through "
-                "onnxruntime-extensions (pip install onnxruntime-extensions) or TensorRT with the plugin library"
-            ) from None
-        register_schema()
-        model = onnx.load(str(path))
-        gated = any(
-            a.name == "update_rule" and a.s == b"gated" for n in model.graph.node if n.op_type == OP_TYPE for a in n.attribute
-        )
-        domain = register_python_custom_op(gated)
-        for node in model.graph.node:
-            if node.op_type == OP_TYPE and node.domain == DOMAIN:
-                node.domain = domain
-                node.op_type = f"{OP_TYPE}{'Gated' if gated else 'Linear'}"
-                keep = [copy.deepcopy(a) for a in node.attribute if a.name in ("q_num_heads", "scale")]
-                del node.attribute[:]
-                node.attribute.extend(keep)
-        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-        so.register_custom_ops_library(get_library_path())
-        return model.SerializeToString()
+    def read_row(self, i: int) -> list[np.ndarray]:
+        """Row ``i``'s state, per layer ``[H, d, d]`` float32 host copies."""
+        return self._states[self._current].read(i)
 
-    def allocate(self, batch: int) -> None:
-        """(Re)allocate every buffer for ``batch`` rows; a no-op if already sized."""
-        if batch == self.batch:
-            return
-        m = self.manifest
-        self.batch = batch
-        self._states = [
-            [np.zeros((batch, *m.state_shape), np.float32) for _ in range(m.num_layers)] for _ in range(2)
-        ]
-        self._slots = {}
-        for length in sorted({1, m.max_chunk}):
-            out_len = 1 if m.logits == "last" else length
-            self._slots[length] = _Slot(
-                np.zeros((batch, length), np.int64),
-                np.zeros((batch, length), np.int64),
-                np.zeros((batch, out_len, m.vocab_size), self.logits_dtype),
-            )
-        self.position = np.zeros(batch, np.int64)
-        self._bindings: dict[tuple[int, int], object] = {}
-        self._ortvalues: dict[int, tuple[np.ndarray, object]] = {}
+    def write_row(self, i: int, layers: Sequence[np.ndarray] | None, position: int = 0) -> None:
+        """Set row ``i``'s state (None: zeros, a new sequence) and position."""
+        self._states[self._current].write(i, layers)
+        self.positions[i] = position
 
-    def reset(self) -> None:
-        """Zero the state: the next step starts new sequences."""
-        for bufs in self._states:
-            for s in bufs:
-                s.fill(0.0)
-        self.position.fill(0)
-        self._current = 0
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` (state and position) over row ``dst``."""
+        if src != dst:
+            self._states[self._current].move(src, dst)
+            self.positions[dst] = self.positions[src]
 
-    @property
-    def state(self) -> list[np.ndarray]:
-        """Current per-layer state ``[B, H, d, d]`` float32 (views, do not keep)."""
-        return self._states[self._current]
+    def state_nbytes(self, rows: int = 1) -> int:
+        return self.manifest.state_bytes(rows)
 
-    def state_nbytes(self) -> int:
-        return sum(s.nbytes for s in self.state)
+    # -- stepping -------------------------------------------------------------
 
-    def _binding(self, length: int, src: int):
-        """An IOBinding per (slot, ping-pong direction), built once."""
-        key = (length, src)
-        if key not in self._bindings:
-            slot = self._slots[length]
-            io = self.session.io_binding()
+    def _binding(self, rows: int, length: int, src: int):
+        key = (rows, length, src)
+        io = self._bindings.get(key)
+        if io is None:
+            ort = _import_ort()
             m = self.manifest
-            io.bind_ortvalue_input("input_ids", self._ortvalue(slot.input_ids))
-            io.bind_ortvalue_input("attention_mask", self._ortvalue(slot.attention_mask))
-            io.bind_ortvalue_input("past_position", self._ortvalue(self.position))
-            for name, buf in zip(m.state_inputs, self._states[src]):
-                io.bind_ortvalue_input(name, self._ortvalue(buf))
-            _bind_output(io, "logits", slot.logits)
-            for name, buf in zip(m.state_outputs, self._states[1 - src]):
-                _bind_output(io, name, buf)
+            io = self.graph.session.io_binding()
+            value = ort.OrtValue.ortvalue_from_numpy
+            io.bind_ortvalue_input("input_ids", value(self._ids[length][:rows]))
+            io.bind_ortvalue_input("attention_mask", value(self._mask[length][:rows]))
+            io.bind_ortvalue_input("past_position", value(self.positions[:rows]))
+            for i, name in enumerate(m.state_inputs):
+                self._states[src].bind(io, name, i, rows, output=False)
+            logits = self._logits[length][:rows]
+            io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            for i, name in enumerate(m.state_outputs):
+                self._states[1 - src].bind(io, name, i, rows, output=True)
             self._bindings[key] = io
-        return self._bindings[key]
-
-    def _ortvalue(self, buf: np.ndarray):
-        """An OrtValue sharing ``buf``'s memory, so refilling ``buf`` in place
-        feeds the next run without rebinding."""
-        import onnxruntime as ort
-
-        key = id(buf)
-        if key not in self._ortvalues:
-            self._ortvalues[key] = (buf, ort.OrtValue.ortvalue_from_numpy(buf))
-        return self._ortvalues[key][1]
-
-    # -- stepping -----------------------------------------------------------
+        return io
 
     def step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run one chunk ``ids/mask [B, L]`` (L = 1 or the prefill chunk).
+        """Run one chunk for rows ``[0, k)``: ``ids``/``mask`` are ``[k, L]`` int64.
 
-        Returns the logits buffer (``[B, 1, V]`` or ``[B, L, V]``); it is
-        overwritten by the next step, so copy what you keep.
+        Rows are padded up to the next bucket (mask 0); positions advance by
+        each row's mask sum. Returns the logits buffer ``[k, 1 or L, V]``: it
+        is overwritten by the next step, so copy what you keep.
         """
-        length = ids.shape[1]
-        if length not in self._slots:
-            raise ValueError(f"step length {length} is neither 1 nor the prefill chunk {self.manifest.max_chunk}")
-        slot = self._slots[length]
-        slot.input_ids[...] = ids
-        slot.attention_mask[...] = mask
-        io = self._binding(length, self._current)
-        self.session.run_with_iobinding(io)
+        k, length = ids.shape
+        if length not in self._ids:
+            raise ValueError(f"step length {length} is not one of this lane's {self.lengths}")
+        rows = self.bucket(k)
+        ids_buf, mask_buf = self._ids[length], self._mask[length]
+        ids_buf[:k] = ids
+        mask_buf[:k] = mask
+        if rows > k:
+            ids_buf[k:rows] = 0
+            mask_buf[k:rows] = 0
+        io = self._binding(rows, length, self._current)
+        self.graph.session.run_with_iobinding(io)
+        # Rows past `rows` were not written: they hold no live sequence, and
+        # write_row/move_row only ever touch the current side.
         self._current = 1 - self._current
-        self.position += mask.sum(axis=1)
-        return slot.logits
+        self.positions[:k] += mask.sum(axis=1)
+        return self._logits[length][:k]
 
 
-def _bind_output(io, name: str, buf: np.ndarray) -> None:
-    io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+class _HostRows:
+    """One ping-pong side of a lane's states in host memory: per layer ``[capacity, H, d, d]``."""
+
+    def __init__(self, capacity: int, layers: int, shape: Sequence[int]):
+        # np.zeros maps untouched pages lazily: a row costs memory once used.
+        self.layers = [np.zeros((capacity, *shape), np.float32) for _ in range(layers)]
+
+    def read(self, i: int) -> list[np.ndarray]:
+        return [s[i].copy() for s in self.layers]
+
+    def write(self, i: int, layers: Sequence[np.ndarray] | None) -> None:
+        for j, s in enumerate(self.layers):
+            if layers is None:
+                s[i] = 0.0
+            else:
+                s[i] = layers[j]
+
+    def move(self, src: int, dst: int) -> None:
+        for s in self.layers:
+            s[dst] = s[src]
+
+    def bind(self, io, name: str, layer: int, rows: int, output: bool) -> None:
+        buf = self.layers[layer][:rows]
+        if output:
+            io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        else:
+            ort = _import_ort()
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+
+
+class _DeviceRows:
+    """One ping-pong side of a lane's states on a CUDA device (ONNX Runtime's CUDA provider).
+
+    Each layer is one device OrtValue ``[capacity, H, d, d]``; steps bind
+    pointers into it, so the state never leaves the device between steps.
+    Row reads/writes copy one row through the CUDA runtime.
+    UNVERIFIED ON HARDWARE: no GPU was available where this was written
+    (``tests/gpu/test_runtime_gpu.py`` checks it where one is).
+    """
+
+    def __init__(self, capacity: int, layers: int, shape: Sequence[int]):
+        ort = _import_ort()
+        self.shape = list(shape)
+        self.row_bytes = int(np.prod(shape)) * 4
+        self.values = [ort.OrtValue.ortvalue_from_shape_and_type([capacity, *shape], np.float32, "cuda", 0)
+                       for _ in range(layers)]
+        self._cuda = _cudart()
+        for v in self.values:
+            self._cuda.memset(v.data_ptr(), capacity * self.row_bytes)
+
+    def read(self, i: int) -> list[np.ndarray]:
+        out = []
+        for v in self.values:
+            host = np.empty(self.shape, np.float32)
+            self._cuda.copy(host.ctypes.data, v.data_ptr() + i * self.row_bytes, self.row_bytes, "d2h")
+            out.append(host)
+        return out
+
+    def write(self, i: int, layers: Sequence[np.ndarray] | None) -> None:
+        for j, v in enumerate(self.values):
+            at = v.data_ptr() + i * self.row_bytes
+            if layers is None:
+                self._cuda.memset(at, self.row_bytes)
+            else:
+                host = np.ascontiguousarray(layers[j], np.float32)
+                self._cuda.copy(at, host.ctypes.data, self.row_bytes, "h2d")
+
+    def move(self, src: int, dst: int) -> None:
+        for v in self.values:
+            base = v.data_ptr()
+            self._cuda.copy(base + dst * self.row_bytes, base + src * self.row_bytes, self.row_bytes, "d2d")
+
+    def bind(self, io, name: str, layer: int, rows: int, output: bool) -> None:
+        shape = [rows, *self.shape]
+        ptr = self.values[layer].data_ptr()
+        if output:
+            io.bind_output(name, "cuda", 0, np.float32, shape, ptr)
+        else:
+            io.bind_input(name, "cuda", 0, np.float32, shape, ptr)
+
+
+class _cudart:
+    """The three CUDA runtime calls the device rows need, through ctypes."""
+
+    _KINDS = {"h2d": 1, "d2h": 2, "d2d": 3}
+
+    def __init__(self):
+        import ctypes
+
+        for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+            try:
+                self._lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise BackendUnavailableError("the CUDA provider path needs libcudart (the CUDA runtime) on the library path")
+        self._lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._lib.cudaMemset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
+        if self._lib.cudaMemcpy(dst, src, nbytes, self._KINDS[kind]) != 0:
+            raise BackendUnavailableError(f"cudaMemcpy ({kind}) failed")
+
+    def memset(self, dst: int, nbytes: int) -> None:
+        if self._lib.cudaMemset(dst, 0, nbytes) != 0:
+            raise BackendUnavailableError("cudaMemset failed")
+
+
+def _plugin_graph_for_ort(path: Path, so) -> bytes:
+    """Route plugin nodes to the numpy reference op (onnxruntime-extensions)."""
+    import onnx  # only this flavor rewrites the graph; the runtime otherwise needs no onnx
+
+    from .reference_op import register_python_custom_op
+
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        raise BackendUnavailableError(
+            "this export uses the 'plugin' attention op, which ONNX Runtime runs only through "
+            "onnxruntime-extensions (pip install onnxruntime-extensions) or TensorRT with the plugin library"
+        ) from None
+    model = onnx.load(str(path))
+    gated = any(
+        a.name == "update_rule" and a.s == b"gated" for n in model.graph.node if n.op_type == OP_TYPE for a in n.attribute
+    )
+    domain = register_python_custom_op(gated)
+    for node in model.graph.node:
+        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+            node.domain = domain
+            node.op_type = f"{OP_TYPE}{'Gated' if gated else 'Linear'}"
+            keep = [copy.deepcopy(a) for a in node.attribute if a.name in ("q_num_heads", "scale")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    so.register_custom_ops_library(get_library_path())
+    return model.SerializeToString()
 
 
 def _np_name(onnx_type: str) -> str:
     mapping = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
     return mapping.get(onnx_type, onnx_type)
-
-
-def default_threads() -> int | None:
-    env = os.environ.get("DIJIANG_THREADS")
-    return int(env) if env else None

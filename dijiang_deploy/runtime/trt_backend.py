@@ -35,8 +35,8 @@ import numpy as np
 
 from ..build.environment import find_plugin_library, gpu_info, import_tensorrt, load_plugin_library
 from ..build.manifest import ENGINE_FILE, EngineManifest
-from ..errors import BackendUnavailableError, DiJiangError
-from ..export.manifest import Manifest
+from ..contract.errors import BackendUnavailableError, DiJiangError
+from ..contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

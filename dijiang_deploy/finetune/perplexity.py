@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
-from ..errors import CheckpointError, DiJiangError
+from ..contract.errors import CheckpointError, DiJiangError
 from ..modeling.model import DiJiangForCausalLM
 from .data import DataError, heldout_text, load_tokenizer, read_text_source
 from .teacher import SoftmaxTeacher, load_teacher
