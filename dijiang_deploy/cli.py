@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from .cli_types import float_in, int_at_least, positive_float, positive_int
-from .errors import DiJiangError
+from .contract.errors import DiJiangError
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -23,6 +23,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise DiJiangError("give either SOURCE or --model NAME, not both")
     if args.model:
         embedded_model_path(args.model)  # an unknown name lists the embedded ones instead of failing as a path
+    if args.model or str(args.source or "").endswith(".gguf"):
+        from .contract.extras import require
+
+        require("gguf", "converting a GGUF file")
     source = args.model or args.source
     if not source:
         raise DiJiangError("convert needs a SOURCE folder/.gguf file or --model NAME")
@@ -71,9 +75,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runtime import Generator
+    from .runtime import Model, SamplingParams, Session
 
-    gen = Generator.from_pretrained(args.onnx_dir, backend=args.backend, providers=args.provider, threads=args.threads)
+    model = Model.open(args.onnx_dir, backend=args.backend, providers=args.provider, threads=args.threads)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -81,23 +85,25 @@ def _run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise DiJiangError("empty prompt: give some text with --prompt")
-    stream = gen.generate(
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        chat=args.chat,
-        stream=True,
-        stop=args.stop,
-    )
+    session = Session.load(model, args.load_state) if args.load_state else model.session()
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop or (), stream=True)
+    if args.chat:
+        stream = session.chat(prompt, **options)
+    else:
+        session.append(prompt)
+        stream = session.generate(**options)
     for ev in stream:
         sys.stdout.write(ev.text)
         sys.stdout.flush()
     print(file=sys.stderr)
-    print(_run_summary(stream.result, gen.backend.state_nbytes()), file=sys.stderr)
+    out = stream.output
+    out.stats.prompt_tokens, out.stats.prefill_seconds = session.last_prefill
+    print(_run_summary(out, model.manifest.state_bytes(), session.position), file=sys.stderr)
+    if args.save_state:
+        session.save(args.save_state)
+        print(f"[saved the conversation ({session.position} tokens) to {args.save_state}]", file=sys.stderr)
     return 0
 
 
@@ -110,15 +116,21 @@ _FINISH = {
 }
 
 
-def _run_summary(result, state_bytes: int) -> str:
-    """The ``[...]`` line ``run`` prints after the text: speed, state size, why it stopped."""
+def _run_summary(result, state_bytes: int, history: int | None = None) -> str:
+    """The ``[...]`` line ``run`` prints after the text: speed, state size, why it stopped.
+
+    ``result`` is a :class:`~dijiang_deploy.runtime.GenerationOutput` or a
+    one-row :class:`~dijiang_deploy.runtime.GenerationResult`.
+    """
     st = result.stats
+    reason = getattr(result, "finish_reason", None) or result.finish_reasons[0]
     prefill = st.prompt_tokens / st.prefill_seconds if st.prefill_seconds else 0.0
     # One or two steps time mostly first-call setup, not the steady decode speed.
     decode = f"decode {st.decode_tokens_per_s:.1f} tok/s" if st.decode_steps >= 4 else "too few steps to time decode"
+    held = f" for {history} tokens of history" if history is not None else ""
     return (
         f"[prompt {st.prompt_tokens} tokens, prefill {prefill:.1f} tok/s; generated {st.new_tokens} tokens, {decode}; "
-        f"state {state_bytes / 2**20:.2f} MiB; stopped: {_FINISH.get(result.finish_reasons[0], result.finish_reasons[0])}]"
+        f"state {state_bytes / 2**20:.2f} MiB{held}; stopped: {_FINISH.get(reason, reason)}]"
     )
 
 
@@ -263,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--backend", default="ort", choices=["ort", "trt"], help="ort: ONNX_DIR is an export; trt: an engine folder")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider, e.g. CUDAExecutionProvider (repeatable)")
+    p.add_argument("--load-state", metavar="FILE", help="continue the conversation saved in this state file")
+    p.add_argument("--save-state", metavar="FILE", help="save the conversation (state, history) here afterwards")
     p.set_defaults(func=_run)
 
     p = sub.add_parser(
@@ -310,11 +324,22 @@ def _register(sub, module: str, commands: dict[str, str], issue: str) -> None:
             p.set_defaults(func=_not_yet(name, f"lands with {issue}"))
 
 
+#: Optional parts of the install each subcommand needs (``run`` needs only the core).
+COMMAND_EXTRAS = {
+    "convert": ("export",), "export": ("export",), "verify": ("export",), "finetune": ("export",),
+    "eval": ("export",), "bench": ("export", "bench"), "build": ("export",), "serve": ("serve",),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .contract.extras import require
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        for extra in COMMAND_EXTRAS.get(args.command, ()):
+            require(extra, f"dijiang-deploy {args.command}")
         return int(args.func(args) or 0)
     except DiJiangError as exc:
         if args.verbose:
