@@ -12,7 +12,7 @@ from dijiang_deploy.bench.cli import parse_contexts, parse_systems
 from dijiang_deploy.bench.measure import onnx_weight_bytes_per_token
 from dijiang_deploy.bench.report import flat_rows, target_checks
 from dijiang_deploy.cli import main
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def quantize_available() -> bool:
 
 def _reusable_export(folder: Path, sha: str, weights: str, max_chunk: int) -> bool:
     from ..export.graph import auto_attention_op
-    from ..export.manifest import Manifest
+    from ..contract.manifest import Manifest
 
     try:
         man = Manifest.load(folder)
@@ -133,7 +133,7 @@ def prepare(
             fresh = meta_path.exists() and (folder / KV_MODEL).exists()
             if fresh:
                 meta = json.loads(meta_path.read_text())
-                fresh = meta.get("base") == source and not meta.get("all_logits", False)
+                fresh = meta.get("base") == source and not meta.get("all_logits", False) and meta.get("dynamic_batch", False)
             if not fresh:
                 _progress("exporting the softmax model with a KV cache")
                 try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import DiJiangError
+from ..contract.errors import DiJiangError
 from .systems import ALL_SYSTEMS, DIJIANG_FORMATS
 
 #: Shorthands accepted by ``--systems``.
@@ -81,6 +81,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per system")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
     p.add_argument(
+        "--streams", default=None, metavar="N,N,...",
+        help="instead: concurrent streams through the continuous-batching engine (e.g. 1,4,16,64) at "
+        "--context tokens, fp32 and int4, against the KV-cache export at the same batch; plus a --context-token "
+        "prompt arriving among --interference-streams decoding streams",
+    )
+    p.add_argument("--context", type=int, default=4096, help="with --streams: tokens of context per stream (default 4096)")
+    p.add_argument("--interference-streams", type=int, default=4, help="with --streams: streams decoding while the long prompt arrives")
+    p.add_argument(
         "--rounds", type=int, default=1, help="measure the systems in turn this many times and report medians "
         "over rounds (steadier ratios on a machine whose speed drifts)"
     )
@@ -90,6 +98,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``dijiang-deploy bench``: run, then print the table."""
     from .runner import DEFAULT_CONTEXTS, QUICK_CONTEXTS, BenchOptions, run_bench
+
+    if args.streams is not None:
+        return _run_streams(args)
 
     contexts = parse_contexts(args.contexts) if args.contexts else list(QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
     for name, value in (
@@ -119,4 +130,27 @@ def run(args: argparse.Namespace) -> int:
     run_bench(opts)
     print((opts.out / "table.txt").read_text(), end="")
     print(f"\nwrote {opts.out}/table.md, table.txt, results.json, results.csv, plot.png")
+    return 0
+
+
+def _run_streams(args: argparse.Namespace) -> int:
+    from .streams import STREAM_SYSTEMS, StreamsOptions, run_streams
+
+    streams = parse_contexts(args.streams)
+    if args.context < 2 or args.interference_streams < 1:
+        raise DiJiangError("--context must be >= 2 and --interference-streams >= 1")
+    systems = parse_systems(args.systems) if args.systems else list(STREAM_SYSTEMS)
+    unknown = [s for s in systems if s not in STREAM_SYSTEMS]
+    if unknown:
+        raise DiJiangError(f"--streams measures {', '.join(STREAM_SYSTEMS)}; not {', '.join(unknown)}")
+    opts = StreamsOptions(
+        out=Path(args.out), streams=streams, context=args.context, systems=systems,
+        decode_steps=args.decode_steps or (4 if args.quick else 16), warmup_steps=args.warmup_steps,
+        interference_streams=args.interference_streams, threads=args.threads, quick=args.quick,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None, timeout=args.timeout, seed=args.seed,
+    )
+    run_streams(opts)
+    print((opts.out / "table.txt").read_text(), end="")
+    print(f"\nwrote {opts.out}/table.md, table.txt, results.json")
     return 0

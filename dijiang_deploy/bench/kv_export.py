@@ -1,9 +1,9 @@
 """The softmax baseline: Hugging Face ``LlamaForCausalLM`` exported to ONNX with a KV cache.
 
-The graph takes ``input_ids [1, L]``, ``position_ids [1, L]`` and
-``past_k.{i}/past_v.{i} [1, kv_heads, P, d]`` (P >= 0) and returns
-``logits [1, 1, V]`` (last position; ``[1, L, V]`` with ``all_logits``) and
-``present_k.{i}/present_v.{i}`` ``[1, kv_heads, P + L, d]``: the usual
+The graph takes ``input_ids [B, L]``, ``position_ids [B, L]`` and
+``past_k.{i}/past_v.{i} [B, kv_heads, P, d]`` (P >= 0) and returns
+``logits [B, 1, V]`` (last position; ``[B, L, V]`` with ``all_logits``) and
+``present_k.{i}/present_v.{i}`` ``[B, kv_heads, P + L, d]``: the usual
 past/present layout of KV-cache ONNX exports, produced here by the torch
 dynamo exporter from the unmodified transformers model (attention through
 ``DynamicCache``, SDPA kernel).
@@ -100,6 +100,8 @@ def export_kv_model(
     ``.onnx`` path. Batch is fixed at 1 (what the benchmark measures); the
     new-token and past lengths are dynamic. ``base`` (how the model was
     named to :func:`load_hf_base`) is recorded so the folder can be reused.
+    The batch is dynamic too (a static batch of equal-length rows, as a
+    KV-cache runtime without paging serves several streams).
     ``all_logits``: return ``logits [1, L, V]`` for every new position instead
     of the last one (to score a text teacher-forced in one call).
     """
@@ -108,11 +110,12 @@ def export_kv_model(
     geo = kv_geometry(model.config)
     n = geo["num_layers"]
     step = _KvStep(model, all_logits).eval()
-    past = [torch.zeros(1, geo["kv_heads"], 5, geo["head_dim"]) for _ in range(2 * n)]
-    example = (torch.ones(1, 3, dtype=torch.int64), torch.arange(5, 8)[None], *past)
+    past = [torch.zeros(2, geo["kv_heads"], 5, geo["head_dim"]) for _ in range(2 * n)]
+    example = (torch.ones(2, 3, dtype=torch.int64), torch.arange(5, 8)[None].repeat(2, 1), *past)
+    batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("sequence", min=1, max=16384)
     plen = torch.export.Dim("past", min=1, max=65536)
-    dynamic = ({1: seq}, {1: seq}, tuple({2: plen} for _ in range(2 * n)))
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in range(2 * n)))
     names_in = ["input_ids", "position_ids"] + [f"past_{kind}.{i}" for i in range(n) for kind in "kv"]
     names_out = ["logits"] + [f"present_{kind}.{i}" for i in range(n) for kind in "kv"]
     from ..export.graph import quiet_exporter
@@ -131,6 +134,6 @@ def export_kv_model(
         )
     path = out / KV_MODEL
     program.save(str(path))
-    meta = dict(geo, base=base, inputs=names_in, outputs=names_out, all_logits=all_logits)
+    meta = dict(geo, base=base, inputs=names_in, outputs=names_out, all_logits=all_logits, dynamic_batch=True)
     (out / KV_META).write_text(json.dumps(meta, indent=2) + "\n")
     return path

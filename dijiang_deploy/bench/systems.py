@@ -56,23 +56,23 @@ class BenchSystem:
 
 
 class DiJiangOrt(BenchSystem):
-    """This project's runtime: :class:`~dijiang_deploy.runtime.Generator` on ONNX Runtime CPU."""
+    """This project's runtime: a :class:`~dijiang_deploy.runtime.Session` on ONNX Runtime CPU."""
 
     def __init__(self, name: str, folder: str | Path, threads: int):
         super().__init__()
         self.name = name
         self.folder = Path(folder)
         self.threads = threads
-        self.gen: Any = None
-        self.next_token = np.zeros((1, 1), np.int64)
-        self.mask = np.ones((1, 1), np.int64)
+        self.model: Any = None
+        self.session: Any = None
+        self.next_token = 0
 
     def load(self) -> None:
-        from ..runtime import Generator
+        from ..runtime import Model
         from .measure import onnx_weight_bytes_per_token
 
-        self.gen = Generator.from_pretrained(self.folder, threads=self.threads, load_tokenizer=False)
-        man = self.gen.manifest
+        self.model = Model.open(self.folder, threads=self.threads, load_tokenizer=False)
+        man = self.model.manifest
         self.info.update(onnx_weight_bytes_per_token(self.folder / man.model_file))
         self.info.update(
             runtime="onnxruntime CPUExecutionProvider",
@@ -82,19 +82,19 @@ class DiJiangOrt(BenchSystem):
             max_chunk=man.max_chunk,
             export=str(self.folder),
         )
+        self.session = self.model.session()
 
     def prefill(self, ids: list[int]) -> None:
-        logits = self.gen._prefill([ids])
-        self.next_token[0, 0] = int(np.argmax(logits[0]))
+        self.session.reset()
+        logits = self.session.append(ids)
+        self.next_token = int(np.argmax(logits))
 
     def decode(self, steps: int) -> None:
-        backend = self.gen.backend
         for _ in range(steps):
-            out = backend.step(self.next_token, self.mask)
-            self.next_token[0, 0] = int(np.argmax(out[0, -1]))
+            self.next_token = int(np.argmax(self.session.feed_token(self.next_token)))
 
     def state_bytes(self) -> int:
-        return int(self.gen.backend.state_nbytes())
+        return int(self.model.manifest.state_bytes())
 
 
 class OrtKvCache(BenchSystem):
