@@ -72,7 +72,9 @@ def tiny_student(root: Path) -> dict:
 
 
 def small_config(**stage1) -> FinetuneConfig:
-    cfg = FinetuneConfig(checkpoint_every_s=0.0)
+    # One thread, fixed: the default counts the CPUs other processes leave idle,
+    # which makes float results (and so comparisons between runs) depend on load.
+    cfg = FinetuneConfig(checkpoint_every_s=0.0, threads=1)
     cfg.data.seq_len = 64
     cfg.stage1.batch = 4
     cfg.stage2.batch = 4

@@ -19,7 +19,7 @@ from dijiang_deploy.build.options import profile_specs, resolve_options
 from dijiang_deploy.build.targets import Target, list_targets, load_target, target_from_dict, targets_dir
 from dijiang_deploy.build.trtexec import format_command, trtexec_command
 from dijiang_deploy.cli import main
-from dijiang_deploy.errors import BackendUnavailableError, DiJiangError
+from dijiang_deploy.contract.errors import BackendUnavailableError, DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model
 from dijiang_deploy.testing import random_model
 
@@ -547,16 +547,31 @@ def test_plugin_override_flag_only_for_function_on_10_15(plugin_export: Path, fa
     assert calls["parser_flags"] == expected
 
 
-# -- TrtBackend's buffer logic, with CPU tensors and a fake engine --------------------------------
+# -- TrtBackend's bookkeeping, against a recording fake engine --------------------------------------
 #
-# The fake engine's execute_async_v3 reads its inputs from the bound addresses,
-# runs the same step graph on ONNX Runtime and writes the outputs to the bound
-# addresses. torch CPU tensors stand in for CUDA tensors and CUDA graphs are
-# off, so this checks the backend's bookkeeping (binding sets, ping-pong state,
-# positions, logits copies, the greedy path) but not CUDA, graphs or TensorRT.
+# No TensorRT and no GPU here, so what these tests prove is the backend's own
+# bookkeeping: every engine tensor bound once per execution context, with the
+# shapes of its batch and chunk; decode on profile 0 and prefill on profile 1;
+# the ping-pong state sides alternating; positions advancing; and CUDA-graph
+# capture then replay of the decode step. The fake engine computes a trivial
+# step (state += number of real tokens, logits one-hot at last token + 1), so
+# a wrong buffer, side or replay shows up as a wrong number. torch CPU tensors
+# stand in for CUDA tensors. Numerics of a real engine are not tested here
+# (tests/gpu/test_trt_gpu.py does that on a GPU with TensorRT).
 
 
-def _fake_runtime(engine_manifest: EngineManifest, ort_backend):
+class _Recorder:
+    """What the fake TensorRT and torch.cuda saw: contexts, executions, graph captures and replays."""
+
+    def __init__(self) -> None:
+        self.contexts: list = []
+        self.executions: list[tuple[int, tuple, int]] = []
+        self.capturing: list | None = None
+        self.captures = 0
+        self.replays = 0
+
+
+def _fake_runtime(engine_manifest: EngineManifest, rec: _Recorder):
     import ctypes
 
     import numpy as np
@@ -564,12 +579,13 @@ def _fake_runtime(engine_manifest: EngineManifest, ort_backend):
     names_in = [t["name"] for t in engine_manifest.inputs]
     names_out = [t["name"] for t in engine_manifest.outputs]
     dtypes = {t["name"]: t["dtype"] for t in engine_manifest.inputs + engine_manifest.outputs}
-    log: dict = {"contexts": 0, "executions": []}
+    logits_spec = next(t for t in engine_manifest.outputs if t["name"] == "logits")
+    vocab, last_only = logits_spec["shape"][-1], logits_spec["shape"][1] == 1
 
     class Context:
         def __init__(self) -> None:
             self.shapes, self.addresses, self.profile = {}, {}, None
-            log["contexts"] += 1
+            rec.contexts.append(self)
 
         def set_device_memory(self, ptr, size) -> None:
             self.scratch = (ptr, size)
@@ -591,12 +607,27 @@ def _fake_runtime(engine_manifest: EngineManifest, ort_backend):
             buf = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(self.addresses[name])
             return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
+        def _run(self) -> None:
+            ids = self._array("input_ids", self.shapes["input_ids"])
+            mask = self._array("attention_mask", self.shapes["attention_mask"])
+            b, length = ids.shape
+            real = mask.sum(axis=1).astype(np.float32)
+            for name in names_in:
+                if name.startswith("past_state."):
+                    past = self._array(name, self.shapes[name])
+                    out = self._array(name.replace("past_", "present_"), past.shape)
+                    out[...] = past + real[:, None, None, None]
+            logits_shape = (b, 1 if last_only else length, vocab)
+            logits = self._array("logits", logits_shape)
+            logits[...] = 0
+            logits[np.arange(b), -1, (ids[:, -1] + 1) % vocab] = 1.0
+            rec.executions.append((self.profile, tuple(ids.shape), self.addresses["past_state.0"]))
+
         def execute_async_v3(self, stream) -> bool:
-            feeds = {n: self._array(n, self.shapes[n]).copy() for n in names_in}
-            outs = ort_backend.session.run(names_out, feeds)
-            for name, value in zip(names_out, outs):
-                self._array(name, value.shape)[...] = value
-            log["executions"].append((self.profile, feeds["input_ids"].shape[1], self.addresses["past_state.0"]))
+            if rec.capturing is not None:
+                rec.capturing.append(self._run)  # captured, not run: CUDA graph semantics
+            else:
+                self._run()
             return True
 
     class Engine:
@@ -638,13 +669,13 @@ def _fake_runtime(engine_manifest: EngineManifest, ort_backend):
     trt.get_plugin_registry = lambda: types.SimpleNamespace(
         load_library=lambda path: object(), get_creator=lambda *a: object()
     )
-    return trt, log
+    return trt
 
 
 class _FakeTorch:
-    """torch with a ``cuda`` namespace that runs on the CPU."""
+    """torch with a ``cuda`` namespace that runs on the CPU and records graph capture and replay."""
 
-    def __init__(self) -> None:
+    def __init__(self, rec: _Recorder) -> None:
         import contextlib
 
         import torch
@@ -660,11 +691,27 @@ class _FakeTorch:
             def synchronize(self) -> None:
                 pass
 
+        class CUDAGraph:
+            def __init__(self) -> None:
+                self.work: list = []
+
+            def replay(self) -> None:
+                rec.replays += 1
+                for fn in self.work:
+                    fn()
+
+        @contextlib.contextmanager
+        def graph(g, stream=None, capture_error_mode=None):
+            rec.capturing = g.work
+            try:
+                yield
+            finally:
+                rec.capturing = None
+                rec.captures += 1
+
         self.cuda = types.SimpleNamespace(
-            is_available=lambda: True,
-            Stream=Stream,
-            stream=lambda s: contextlib.nullcontext(),
-            device=lambda d: contextlib.nullcontext(),
+            is_available=lambda: True, Stream=Stream, stream=lambda s: contextlib.nullcontext(),
+            device=lambda d: contextlib.nullcontext(), CUDAGraph=CUDAGraph, graph=graph,
         )
 
     def device(self, kind, index=None):
@@ -676,59 +723,104 @@ class _FakeTorch:
 
 @pytest.fixture
 def fake_backend(plugin_export: Path, tmp_path: Path, monkeypatch):
-    pytest.importorskip("onnxruntime_extensions")
+    import functools
+
     from dijiang_deploy.runtime import trt_backend
-    from dijiang_deploy.runtime.ort_backend import OrtBackend
 
     lib = tmp_path / "libdijiang_trt_plugins.so"
     lib.write_bytes(b"lib")
     engine = tmp_path / "built.engine"
     engine.write_bytes(b"fake plan")
-    opts = resolve_options(Manifest.load(plugin_export), max_batch=2, max_chunk=16, plugin_lib=lib)
+    opts = resolve_options(Manifest.load(plugin_export), max_batch=4, max_chunk=16, plugin_lib=lib)
     em = package_engine(plugin_export, engine, tmp_path / "eng", opts)
-    trt, log = _fake_runtime(em, OrtBackend(plugin_export))
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trt_backend, "_import_torch_cuda", lambda: _FakeTorch())
+    rec = _Recorder()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: _fake_runtime(em, rec))
+    monkeypatch.setattr(trt_backend, "_import_torch_cuda", lambda: _FakeTorch(rec))
     monkeypatch.setattr(trt_backend, "gpu_info", lambda device=0: ("Fake GPU", "9.0"))
     monkeypatch.setattr(trt_backend.TrtBackend, "_host_buffer", lambda self, shape, dtype: self._torch.zeros(shape, dtype=dtype))
+    # Device work after a step is part of the captured graph too: record it while capturing.
+    real_after = trt_backend.TrtBackend._after_step
+
+    def after_step(self, slot):
+        if rec.capturing is not None:
+            rec.capturing.append(functools.partial(real_after, self, slot))
+        else:
+            real_after(self, slot)
+
+    monkeypatch.setattr(trt_backend.TrtBackend, "_after_step", after_step)
     monkeypatch.setattr(environment, "_LOADED", {})
-    return tmp_path / "eng", log
+    return tmp_path / "eng", rec
 
 
-ROWS = [[5, 17, 3, 88, 41, 9, 23, 60, 2, 71, 14, 33, 8, 50, 19, 27, 66, 4, 91, 12, 7], [44, 3, 29, 81, 6, 58, 10]]
-
-
-def test_trt_backend_bookkeeping_matches_ort(fake_backend, plugin_export: Path) -> None:
+def test_trt_binding_sets_shapes_and_profiles(fake_backend) -> None:
+    """One context per (chunk length, ping-pong side), each binding every engine tensor
+    once with the batch's shapes; decode on profile 0, prefill chunks on profile 1."""
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
     import numpy as np
 
-    from dijiang_deploy.runtime import Generator
+    folder, rec = fake_backend
+    backend = TrtBackend(folder, cuda_graphs=False)
+    backend.allocate(3)
+    backend.reset()
+    m = backend.manifest
+    mask16 = np.ones((3, 16), np.int64)
+    backend.step(np.ones((3, 16), np.int64), mask16)
+    for _ in range(3):
+        backend.step(np.ones((3, 1), np.int64), np.ones((3, 1), np.int64))
+    assert len(rec.contexts) == 3, "prefill side 0, decode sides 1 and 0"
+    names = {t.name for t in m.inputs} | {t.name for t in m.outputs}
+    for ctx in rec.contexts:
+        assert set(ctx.addresses) == names
+        length = ctx.shapes["input_ids"][1]
+        assert ctx.shapes["input_ids"] == ctx.shapes["attention_mask"] == (3, length)
+        assert ctx.shapes["past_position"] == (3,)
+        assert all(ctx.shapes[n] == (3, *m.state_shape) for n in m.state_inputs)
+        assert ctx.profile == (0 if length == 1 else 1)
+        # A side reads one state set and writes the other: no output aliases an input.
+        assert not set(ctx.addresses[n] for n in m.state_inputs) & set(ctx.addresses[n] for n in m.state_outputs)
+    assert backend.position.tolist() == [19, 19, 19]
+
+
+def test_trt_ping_pong_state_and_positions_follow_the_steps(fake_backend) -> None:
+    """The fake step adds each row's real-token count to its state: after a padded prefill
+    and decode steps the state equals the tokens seen, so every step read the previous
+    step's output side."""
+    import numpy as np
+
+    from dijiang_deploy.runtime import Model
+
+    folder, rec = fake_backend
+    model = Model.open(folder, backend="trt", load_tokenizer=False)
+    s = model.session()
+    s.append(list(range(1, 22)))  # 21 tokens: a 16-token chunk and a padded one
+    assert all(np.all(layer == 21.0) for layer in s.layers())
+    out = s.generate(6, feed_last=False)
+    assert out.token_ids == [22, 23, 24, 25, 26, 27], "logits feed back: each token is the last one + 1"
+    assert all(np.all(layer == 26.0) for layer in s.layers()), "5 decode steps after the prefill"
+    decode_reads = [addr for _, shape, addr in rec.executions if shape[1] == 1]
+    assert len(set(decode_reads)) == 2 and decode_reads[0::2] != decode_reads[1::2]
+
+
+def test_trt_decode_is_captured_once_per_side_then_replayed(fake_backend) -> None:
+    """With CUDA graphs the first decode step of each side runs eagerly and is captured;
+    later decode steps replay the graph, and the results stay those of eager steps."""
+    import numpy as np
+
     from dijiang_deploy.runtime.trt_backend import TrtBackend
 
-    folder, log = fake_backend
-    backend = TrtBackend(folder, cuda_graphs=False)
-    gen = Generator(backend)
-    ref = Generator.from_pretrained(plugin_export, load_tokenizer=False)
-    ref.manifest.max_chunk = ref.backend.manifest.max_chunk = 16  # same chunking as the engine
-    assert gen.manifest.max_chunk == 16
-
-    ids = np.random.default_rng(0).integers(3, 100, size=(2, 21))
-    np.testing.assert_array_equal(gen.score(ids), ref.score(ids))
-    gen._prefill(ROWS)
-    ref._prefill(ROWS)
-    for got, want in zip(backend.state, ref.backend.state):
-        np.testing.assert_array_equal(got, want)
-    assert backend.position.tolist() == ref.backend.position.tolist() == [21, 7]
-    assert backend.state_nbytes() == ref.backend.state_nbytes()
-
-    want = ref.generate(ROWS, max_new_tokens=12).token_ids
-    assert gen.generate(ROWS, max_new_tokens=12).token_ids == want
-    assert backend.generate_greedy(ROWS, 12, eos_ids=ref._eos_ids()) == want
-    # Binding sets: (L, side) -> one context each, decode on profile 0, prefill on 1;
-    # consecutive executions alternate the state buffer they read.
-    assert log["contexts"] == 4
-    assert {(p, length) for p, length, _ in log["executions"]} == {(0, 1), (1, 16)}
-    decode_reads = [addr for p, length, addr in log["executions"] if length == 1][-6:]
-    assert decode_reads[0::2] != decode_reads[1::2] and len(set(decode_reads)) == 2
+    folder, rec = fake_backend
+    backend = TrtBackend(folder, cuda_graphs=True)
+    backend.allocate(2)
+    backend.reset()
+    mask = np.ones((2, 1), np.int64)
+    tokens = backend.step_greedy(mask, np.array([[5], [9]], np.int64))
+    for _ in range(7):
+        tokens = backend.step_greedy(mask)
+    assert tokens.tolist() == [13, 17], "eight greedy steps from 5 and 9"
+    assert rec.captures == 2 and rec.replays == 6
+    state = backend.state
+    assert np.all(state[0] == 8.0)
+    assert backend.position.tolist() == [8, 8]
 
 
 def test_trt_backend_refusals(fake_backend) -> None:
@@ -738,8 +830,8 @@ def test_trt_backend_refusals(fake_backend) -> None:
 
     folder, _ = fake_backend
     backend = TrtBackend(folder, cuda_graphs=False)
-    with pytest.raises(DiJiangError, match=r"batch 3 is outside this engine's 1..2"):
-        backend.allocate(3)
+    with pytest.raises(DiJiangError, match=r"batch 5 is outside this engine's 1..4"):
+        backend.allocate(5)
     meta = json.loads((folder / ENGINE_MANIFEST).read_text())
     (folder / ENGINE_MANIFEST).write_text(json.dumps(meta | {"gpu_sm": "8.7", "gpu_name": "Orin"}))
     with pytest.raises(DiJiangError, match=r"engine built for Orin \(SM 8.7\) cannot run on Fake GPU \(SM 9.0\)"):

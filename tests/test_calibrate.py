@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dijiang_deploy.cli import main
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model
 from dijiang_deploy.export import quantize as Q
 from dijiang_deploy.export.calibrate import (
@@ -189,7 +189,7 @@ def test_zero_points_default_only_where_ort_alone_reads_the_graph(outlier_export
 
 def test_quantize_export_equals_uncalibrated_export(tmp_path):
     """Quantizing a float export folder gives export_model's graph without calibration."""
-    from dijiang_deploy.errors import ExportError
+    from dijiang_deploy.contract.errors import ExportError
 
     model = random_model("llama", seed=4)
     export_model(model, tmp_path / "fp32", ExportOptions(logits="all"))
@@ -237,7 +237,7 @@ def test_quantize_export_keeps_named_nodes_float(tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in quant.graph.node) == len(selected) - len(keep)
     ids = np.random.default_rng(3).integers(0, model.config.vocab_size, size=(1, 12))
     assert np.isfinite(Generator.from_pretrained(tmp_path / "q").score(ids)).all()
-    from dijiang_deploy.errors import ExportError
+    from dijiang_deploy.contract.errors import ExportError
 
     with pytest.raises(ExportError, match="not quantizable linear MatMuls: no_such_node"):
         Q.quantize_export(tmp_path / "fp32", tmp_path / "bad", ExportOptions(weights="int8"), keep_float=["no_such_node"])

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from dijiang_deploy import load_model
 from dijiang_deploy.cli import main
-from dijiang_deploy.errors import CheckpointError, UnsupportedModelError
+from dijiang_deploy.contract.errors import CheckpointError, UnsupportedModelError
 from dijiang_deploy.testing import random_model
 
 SENTINEL = "dijiang_remote_code_ran"

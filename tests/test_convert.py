@@ -13,7 +13,7 @@ from dijiang_deploy import load_model
 from dijiang_deploy.checkpoint import save_checkpoint
 from dijiang_deploy.cli import main
 from dijiang_deploy.convert import convert_base, projection_matrix, qmc_points
-from dijiang_deploy.errors import CheckpointError
+from dijiang_deploy.contract.errors import CheckpointError
 from dijiang_deploy.testing import random_base, random_model
 from _support import requires_smollm2
 

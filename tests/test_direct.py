@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dijiang_deploy.errors import DiJiangError, ExportError
+from dijiang_deploy.contract.errors import DiJiangError, ExportError
 from dijiang_deploy.export import ExportOptions, export_model
 from dijiang_deploy.export.direct import build_step_graph
 from dijiang_deploy.modeling.model import DiJiangState

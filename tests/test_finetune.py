@@ -14,7 +14,7 @@ import torch
 from dijiang_deploy import load_model
 from dijiang_deploy.checkpoint import read_weights, save_checkpoint
 from dijiang_deploy.convert import convert, convert_base
-from dijiang_deploy.errors import CheckpointError, DiJiangError
+from dijiang_deploy.contract.errors import CheckpointError, DiJiangError
 from dijiang_deploy.finetune import DataError, SoftmaxTeacher, evaluate, finetune
 from dijiang_deploy.finetune.cli import add_parsers
 from dijiang_deploy.finetune.data import ByteTokenizer
@@ -218,8 +218,10 @@ def test_busy_machine_is_reported_not_silent(trained, tmp_path, monkeypatch, cap
     monkeypatch.setattr(C.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(C, "_busy_cpus", lambda: 1.0)  # another process keeps one CPU busy
     kwargs = dict(data=trained["train"], teacher=trained["teacher"], steps=2, progress=False)
+    auto = small_config()
+    auto.threads = None  # the default: count the idle CPUs
     with caplog.at_level("WARNING", logger="dijiang_deploy.finetune.api"):
-        finetune(trained["dir"], tmp_path / "busy", config=small_config(), **kwargs)
+        finetune(trained["dir"], tmp_path / "busy", config=auto, **kwargs)
     assert "other processes keep 1 of 2 CPUs busy: training on 1 thread(s)" in caplog.text
     caplog.clear()
     cfg = small_config()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dijiang_deploy.convert import convert_base
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 from dijiang_deploy.finetune import FinetuneConfig, SoftmaxTeacher, evaluate, finetune
 from dijiang_deploy.finetune.config import ONLINE_MAX_TOKENS, DataConfig
 from dijiang_deploy.finetune.e2e import distill_loss

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dijiang_deploy.errors import PositionLimitError
+from dijiang_deploy.contract.errors import PositionLimitError
 from dijiang_deploy.modeling import recurrence
 from dijiang_deploy.modeling.decay import analyse_tables, build_tables
 from dijiang_deploy.config import DiJiangSettings

@@ -97,7 +97,7 @@ def test_kernel_library_queries(build_dir: Path) -> None:
 
 
 def test_kernel_binding_errors(tmp_path: Path) -> None:
-    from dijiang_deploy.errors import DiJiangError
+    from dijiang_deploy.contract.errors import DiJiangError
     from dijiang_deploy.kernels import Kernels
 
     with pytest.raises(DiJiangError, match="no such kernel library"):
@@ -108,7 +108,7 @@ def test_kernel_binding_refuses_bad_tensors(build_dir: Path) -> None:
     """Every mismatch is refused in Python before any launch (these are CPU tensors, so a launch would crash)."""
     import torch
 
-    from dijiang_deploy.errors import DiJiangError
+    from dijiang_deploy.contract.errors import DiJiangError
     from dijiang_deploy.kernels import Kernels
 
     kernels = Kernels.load(build_dir / "main" / "libdijiang_kernels.so")

@@ -19,7 +19,7 @@ import torch
 from dijiang_deploy import load_model
 from dijiang_deploy.checkpoint import save_checkpoint
 from dijiang_deploy.convert import convert_base
-from dijiang_deploy.errors import DiJiangError
+from dijiang_deploy.contract.errors import DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_checkpoint
 from dijiang_deploy.export import quantize as Q
 from dijiang_deploy.export.graph import lossless_on_grid, resolve_attention_op

@@ -32,15 +32,19 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dijiang_deploy.errors import ExportError
+from dijiang_deploy.contract.errors import ExportError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model, register_schema
 from dijiang_deploy.export import quantize as Q
-from dijiang_deploy.export.manifest import MANIFEST_NAME, decode_op_counts
+from dijiang_deploy.contract.manifest import MANIFEST_NAME
+from dijiang_deploy.export.op_counts import decode_op_counts
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.testing import random_model
 
 EXACT_TOL = 1e-4
 NOISE = {"int8": (0.08, 0.90), "int4": (0.8, 0.60)}  # (max |logit diff|, min top-1 agreement)
+#: Relative (Frobenius) state error after a 40-token prompt against the float model
+#: (measured on the Xeons: int8 at most 0.017, int4 at most 0.11; a float state is exact).
+STATE_NOISE = {"int8": 0.03, "int4": 0.2}
 PER_LAYER = {"llama": 8, "gpt_neox": 5}  # q,k,v,o + W_G + 3 MLP ; qkv, dense + W_G + 2 MLP
 FLAVOR = {"llama": "linear-attention", "gpt_neox": "function"}
 
@@ -285,7 +289,15 @@ def test_close_to_float(bundle, fam, variant):
     assert np.abs(got - want).max() <= max_abs
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= min_top1
     # The state after the prompt stays float32 and close to the float model's.
-    assert all(s.dtype == np.float32 for s in gen.backend.state)
+    session = gen.model.session()
+    session.append(ids[0].tolist())
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids[:1]), mode="chunked").state.layers
+    for got_s, want_s in zip(session.layers(), ref):
+        want_s = want_s[0].numpy()
+        assert got_s.dtype == np.float32
+        rel = np.linalg.norm(got_s - want_s) / np.linalg.norm(want_s)
+        assert rel <= STATE_NOISE[variant], rel
     # Generation needs no flags.
     res = gen.generate([1, 2, 3, 4], max_new_tokens=5)
     assert 1 <= res.stats.new_tokens <= 5

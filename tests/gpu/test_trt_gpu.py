@@ -54,7 +54,7 @@ def _missing() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
     from dijiang_deploy.build.environment import import_tensorrt
-    from dijiang_deploy.errors import BackendUnavailableError
+    from dijiang_deploy.contract.errors import BackendUnavailableError
 
     try:
         import_tensorrt()
@@ -110,10 +110,10 @@ def ort_generator(exports):
 
 
 def _trt_generator(folder: Path, **kwargs):
-    from dijiang_deploy.runtime import Generator
-    from dijiang_deploy.runtime.trt_backend import TrtBackend
+    from dijiang_deploy.runtime import Generator, Model
+    from dijiang_deploy.runtime.trt_lane import TrtGraph
 
-    return Generator(TrtBackend(folder, **kwargs), tokenizer=None)
+    return Generator(Model(TrtGraph(folder, **kwargs), None, Path(folder)))
 
 
 ROWS = [[5, 17, 3, 88, 41, 9, 23, 60, 2, 71, 14, 33, 8, 50, 19, 27, 66, 4, 91, 12, 7],
@@ -134,23 +134,28 @@ def test_logits_match_onnxruntime(engines, ort_generator, flavor: str) -> None:
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_state_after_prefill_matches(engines, ort_generator, flavor: str) -> None:
     gen = _trt_generator(engines[flavor])
-    gen._prefill(ROWS)
-    ort_generator._prefill(ROWS)
-    for got, want in zip(gen.backend.state, ort_generator.backend.state):
-        assert np.abs(got - want).max() <= 1e-4
-    assert gen.backend.position.tolist() == ort_generator.backend.position.tolist() == [len(r) for r in ROWS]
+    for row in ROWS:
+        trt_s, ort_s = gen.model.session(), ort_generator.model.session()
+        trt_s.append(row)
+        ort_s.append(row)
+        for got, want in zip(trt_s.layers(), ort_s.layers()):
+            assert np.abs(got - want).max() <= 1e-4
+        assert trt_s._lane.positions.tolist()[0] == len(row)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_greedy_tokens_identical(engines, ort_generator, flavor: str, cuda_graphs: bool) -> None:
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
     gen = _trt_generator(engines[flavor], cuda_graphs=cuda_graphs)
     want = ort_generator.generate(ROWS, max_new_tokens=24).token_ids
     assert gen.generate(ROWS, max_new_tokens=24).token_ids == want
-    fast = gen.backend.generate_greedy(ROWS, 24, eos_ids=ort_generator._eos_ids())
+    backend = TrtBackend(engines[flavor], cuda_graphs=cuda_graphs)
+    fast = backend.generate_greedy(ROWS, 24, eos_ids=set(ort_generator.model.eos_ids))
     assert fast == want
     # Graphs are replayed from the second decode step on.
-    assert bool(gen.backend._graphs) == cuda_graphs
+    assert bool(backend._graphs) == cuda_graphs
 
 
 @pytest.fixture(scope="module")
@@ -183,17 +188,39 @@ def test_onnxruntime_cuda_provider_matches_cpu(ort_cuda, exports, inline_export,
     gen = Generator.from_pretrained(
         folder, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], load_tokenizer=False
     )
-    assert gen.backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert gen.model.graph.session.get_providers()[0] == "CUDAExecutionProvider"
     ids = np.random.default_rng(1).integers(3, 100, size=(2, 37))
     err = float(np.abs(gen.score(ids) - ort_generator.score(ids)).max())
     assert err <= 1e-3, f"{flavor}: max |logit diff| {err:.3g}"
     assert gen.generate(ROWS, max_new_tokens=24).token_ids == ort_generator.generate(ROWS, max_new_tokens=24).token_ids
 
 
+@pytest.mark.parametrize("flavor", ["linear-attention", "inline"])
+def test_cuda_provider_keeps_states_on_the_device(ort_cuda, exports, inline_export, ort_generator, flavor: str) -> None:
+    """Lanes on the CUDA provider hold their states as device OrtValues; rows cross to the
+    host only when a session reads or writes one. Sessions, the engine and state files
+    give the CPU's tokens."""
+    from dijiang_deploy.runtime import Engine, Model, Request, Session
+    from dijiang_deploy.runtime.ort_backend import _DeviceRows
+
+    folder = inline_export if flavor == "inline" else exports[flavor]
+    cuda = Model.open(folder, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], load_tokenizer=False)
+    lane = cuda.lane(4, (1,))
+    assert isinstance(lane._states[0], _DeviceRows)
+    want = ort_generator.generate(ROWS, max_new_tokens=16).token_ids
+    with Engine(cuda, max_batch=2) as eng:
+        got = [eng.submit(Request(r, 16)).result(timeout=120).token_ids for r in ROWS]
+    assert got == want
+    s = cuda.session()
+    s.append(ROWS[0])
+    resumed = Session.from_bytes(cuda, s.to_bytes())
+    assert resumed.generate(16, feed_last=False).token_ids == want[0]
+
+
 def test_engine_for_another_gpu_is_refused(engines, tmp_path: Path) -> None:
     import shutil
 
-    from dijiang_deploy.errors import DiJiangError
+    from dijiang_deploy.contract.errors import DiJiangError
     from dijiang_deploy.runtime.trt_backend import TrtBackend
 
     copy = tmp_path / "eng"
@@ -206,11 +233,12 @@ def test_engine_for_another_gpu_is_refused(engines, tmp_path: Path) -> None:
 
 
 def test_batch_beyond_engine_is_refused(engines) -> None:
-    from dijiang_deploy.errors import DiJiangError
+    from dijiang_deploy.contract.errors import DiJiangError
 
-    gen = _trt_generator(engines["plugin"])
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
     with pytest.raises(DiJiangError, match="outside this engine's 1..2"):
-        gen.backend.allocate(3)
+        TrtBackend(engines["plugin"]).allocate(3)
 
 
 def test_serialized_plugins_engine_runs_in_a_fresh_process(requirements, exports, ort_generator, tmp_path: Path) -> None:
@@ -228,9 +256,10 @@ def test_serialized_plugins_engine_runs_in_a_fresh_process(requirements, exports
     out = tmp_path / "logits.npy"
     script = textwrap.dedent(f"""
         import numpy as np
-        from dijiang_deploy.runtime import Generator
-        from dijiang_deploy.runtime.trt_backend import TrtBackend
-        gen = Generator(TrtBackend({str(engine)!r}, plugin_lib=None), tokenizer=None)
+        from pathlib import Path
+        from dijiang_deploy.runtime import Generator, Model
+        from dijiang_deploy.runtime.trt_lane import TrtGraph
+        gen = Generator(Model(TrtGraph({str(engine)!r}, plugin_lib=None), None, Path({str(engine)!r})))
         np.save({str(out)!r}, gen.score(np.asarray({ROWS[0]!r})[None]))
     """)
     env = dict(os.environ)
