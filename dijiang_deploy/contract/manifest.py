@@ -65,6 +65,9 @@ class Manifest:
     #: SHA-256 of the graph file and its external data, written at export;
     #: part of :meth:`fingerprint`. None in folders from older exports.
     graph_sha256: str | None = None
+    #: The export's :meth:`fingerprint`, written at export so that runtimes
+    #: without a JSON canonicaliser (the C runtime) read it rather than compute it.
+    model_fingerprint: str | None = None
 
     @property
     def state_inputs(self) -> list[str]:
@@ -84,6 +87,9 @@ class Manifest:
         return asdict(self)
 
     def write(self, folder: str | Path) -> Path:
+        """Write ``manifest.json``, recording the fingerprint of what it now says."""
+        self.model_fingerprint = None
+        self.model_fingerprint = self.compute_fingerprint()
         path = Path(folder) / MANIFEST_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
@@ -93,9 +99,17 @@ class Manifest:
         includes the graph's own hash (computed here for older folders).
 
         A state file records it, so a state is never loaded into another model.
+        The value recorded at export (``model_fingerprint``) is returned as it is.
         """
+        if self.model_fingerprint:
+            return self.model_fingerprint
+        return self.compute_fingerprint()
+
+    def compute_fingerprint(self) -> str:
+        """The fingerprint from the manifest's content (``export_seconds`` and the record itself left out)."""
         data = self.to_dict()
         data.pop("export_seconds", None)
+        data.pop("model_fingerprint", None)
         folder = getattr(self, "loaded_from", None)
         if data.get("graph_sha256") is None and folder is not None:
             data["graph_sha256"] = graph_sha256(folder, self.model_file)
