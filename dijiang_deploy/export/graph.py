@@ -10,10 +10,11 @@ prefill chunk.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import copy
-import io
+import dataclasses
 import hashlib
+import io
+import json
 import logging
 import time
 import warnings
@@ -24,17 +25,22 @@ import onnx
 import torch
 from torch import nn
 
-from ..contract.atomic import atomic_dir
 from ..checkpoint import load_model
-from ..contract.names import TOKENIZER_FILES
+from ..contract.atomic import atomic_dir
 from ..contract.errors import DiJiangError, ExportError
+from ..contract.manifest import Manifest, TensorSpec, graph_sha256
+from ..contract.names import (
+    CHAT_FORMAT_FILE,
+    OP_TYPE,
+    PORTABLE_OPSET,
+    STANDARD_OPSET,
+    TOKENIZER_FILES,
+)
 from ..modeling.model import DiJiangForCausalLM, DiJiangState
 from . import ops
 from .direct import DIRECT_OPSET, build_step_graph
 from .flavors import FLAVORS, apply_flavor
-from ..contract.manifest import Manifest, TensorSpec, graph_sha256
 from .op_counts import decode_op_counts
-from ..contract.names import OP_TYPE, PORTABLE_OPSET, STANDARD_OPSET
 from .schema import register_schema
 
 log = logging.getLogger(__name__)
@@ -331,7 +337,11 @@ def export_model(
     _fix_io_types(proto, *io_specs(model, options))
     quantization: dict = {}
     if options.weight_format in ("int8", "int4"):
-        from .quantize import DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
+        from .quantize import (
+            DEFAULT_ACCURACY_LEVEL,
+            quantization_info,
+            quantize_weights,
+        )
 
         DEFAULT_HEAD_LEVEL = DEFAULT_ACCURACY_LEVEL[8]
 
@@ -384,17 +394,39 @@ def export_model(
                 src = Path(tokenizer_dir) / name
                 if src.exists():
                     (tmp / name).write_bytes(src.read_bytes())
+            write_chat_format(tmp)
         manifest.export_seconds = round(time.time() - started, 1)
         manifest.graph_sha256 = graph_sha256(tmp, MODEL_FILE)
         manifest.write(tmp)
     return manifest
 
 
+def write_chat_format(folder: Path) -> bool:
+    """Write ``chat_format.json`` (the template as per-role strings, for the C runtime)
+    when the folder's chat template has that form; False (and a warning) otherwise."""
+    from ..contract.chat import ChatFormat, load_chat_template
+
+    template = load_chat_template(folder)
+    if template is None:
+        return False
+    try:
+        fmt = ChatFormat.derive(template)
+    except ExportError as exc:
+        log.warning("no %s: %s (the C runtime will not render chats for this model)", CHAT_FORMAT_FILE, exc)
+        return False
+    (folder / CHAT_FORMAT_FILE).write_text(json.dumps(fmt.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return True
+
+
 def _calibrated(
     model: DiJiangForCausalLM, options: ExportOptions, tokenizer_dir: str | Path | None
 ) -> tuple[DiJiangForCausalLM, dict]:
     """The activation-aware rescaled copy of ``model`` for ``options``' quantizer, and its record."""
-    from .calibrate import CalibrationConfig, calibrate_for_quantization, calibration_ids
+    from .calibrate import (
+        CalibrationConfig,
+        calibrate_for_quantization,
+        calibration_ids,
+    )
     from .quantize import BITS
 
     seq_len = min(256, options.calibration_tokens)
