@@ -83,7 +83,7 @@ def _dijiang_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss_before = rss_bytes()
     if spec["mode"] == "interference":
         return _interference(model, state, spec, rss_before)
-    with Engine(model, max_batch=n, prefill_rows=1) as engine:
+    with Engine(model, max_batch=n, prefill_rows=1, warmup=True) as engine:
         handles = [engine.submit(Request([], warm + steps, start=state)) for _ in range(n)]
         outs = [h.result(timeout=spec["timeout"]) for h in handles]
     times = [o.token_seconds for o in outs]
@@ -112,7 +112,7 @@ def _interference(model, state, spec: dict[str, Any], rss_before: int) -> dict[s
     m, vocab = spec["streams"], model.vocab_size
     long_prompt = prompt_ids(spec["context"], vocab, spec["seed"] + 7)
     budget = spec.get("step_tokens")
-    with Engine(model, max_batch=m + 1, prefill_rows=1, step_tokens=budget) as engine:
+    with Engine(model, max_batch=m + 1, prefill_rows=1, step_tokens=budget, warmup=True) as engine:
         handles = [engine.submit(Request([], 100000, start=state)) for _ in range(m)]
         first = iter(handles[0])
         for _ in range(spec["warmup_steps"] + spec["decode_steps"]):

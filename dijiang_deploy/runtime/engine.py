@@ -315,6 +315,9 @@ class Engine:
         itl_ratio: the decoding streams' largest inter-token gap during a
             prefill, as a multiple of a decode step, that the default budget
             aims for.
+        warmup: run every step shape once at start (all padding, so no state
+            changes): ONNX Runtime's first run of a shape allocates and picks
+            kernels, which would otherwise show as one slow token in a stream.
         max_queue: most requests waiting to start (None: unbounded);
             :meth:`submit` raises :class:`QueueFullError` past it.
         max_context: refuse requests whose prompt plus ``max_new_tokens``
@@ -326,7 +329,8 @@ class Engine:
 
     def __init__(self, model, max_batch: int = 16, prefill_rows: int = 4, step_tokens: int | None = None,
                  max_queue: int | None = None, max_context: int | None = None,
-                 on_step: Callable[[str, list[str], int], None] | None = None, itl_ratio: float = 2.0):
+                 on_step: Callable[[str, list[str], int], None] | None = None, itl_ratio: float = 2.0,
+                 warmup: bool = False):
         if max_batch < 1 or prefill_rows < 1:
             raise DiJiangError(f"max_batch and prefill_rows must be >= 1, got {max_batch}, {prefill_rows}")
         self.model = model
@@ -355,6 +359,16 @@ class Engine:
         self._ids = itertools.count()
         self._closed = False
         self._thread: threading.Thread | None = None
+        if warmup:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run each (rows, chunk length) shape of both lanes once, all padding (nothing changes)."""
+        for lane in (self._decode_lane, self._prefill_lane):
+            for rows in lane.buckets:
+                for length in lane.lengths:
+                    zeros = np.zeros((rows, length), np.int64)
+                    lane.step(zeros, zeros)
 
     # -- public API -----------------------------------------------------------
 
