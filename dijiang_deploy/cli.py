@@ -308,6 +308,7 @@ _PLUGGABLE = (
     ("dijiang_deploy.build.cli", {"build": "build a TensorRT engine from an exported ONNX folder"}, "issue #4"),
     ("dijiang_deploy.bench.cli", {"bench": "benchmark decode/prefill speed and memory against baselines"}, "issue #5"),
     ("dijiang_deploy.finetune.cli", {"finetune": "distil the softmax teacher into a DiJiang model", "eval": "perplexity of a model over a text"}, "issue #6"),
+    ("dijiang_deploy.serving.cli", {"serve": "serve an export over the OpenAI API"}, "issue #22"),
 )
 
 

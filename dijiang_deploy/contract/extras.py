@@ -16,7 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "scipy", "safetensors", "tqdm"),
     "gguf": ("gguf",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
-    "ray": ("ray",),
+    "ray": ("ray", "fastapi", "uvicorn", "prometheus_client"),
     "bench": ("matplotlib", "psutil"),
 }
 
