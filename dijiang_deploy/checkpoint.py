@@ -55,7 +55,7 @@ def _first_line(exc: BaseException) -> str:
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, whatever its weight format."""
     for index_name, reader in (
-        ("model.safetensors.index.json", _read_safetensors),
+        (SHARD_INDEX, _read_safetensors),
         ("pytorch_model.bin.index.json", _read_bin),
     ):
         index = folder / index_name
@@ -173,6 +173,11 @@ def load_model(
     return model.cast(dtype).to(device)
 
 
+#: Largest safetensors file save_checkpoint writes (Hugging Face shards likewise).
+MAX_SHARD_BYTES = 4 << 30
+SHARD_INDEX = "model.safetensors.index.json"
+
+
 def save_checkpoint(
     model: DiJiangForCausalLM,
     out_dir: str | Path,
@@ -180,21 +185,47 @@ def save_checkpoint(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write ``model`` as a checkpoint folder that :func:`load_model` reloads.
 
     The folder appears only once complete. Tied LM-head weights are stored
-    once. Tokenizer files are copied from ``tokenizer_dir`` or written by
-    ``tokenizer.save_pretrained``.
+    once. Weights over ``max_shard_bytes`` are split into shards
+    (``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``,
+    as Hugging Face writes them), each written straight from the model's
+    tensors, so no second copy of the weights is made. Tokenizer files are
+    copied from ``tokenizer_dir`` or written by ``tokenizer.save_pretrained``.
     """
     from safetensors.torch import save_file
 
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     out = Path(out_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight" if model.config.family == "llama" else "embed_out.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "dijiang-deploy"})
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            n = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += n
+        metadata = {"format": "pt", "producer": "dijiang-deploy"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=metadata)
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -48,10 +48,11 @@ _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_
 class _Graph:
     """Tiny helper: nodes with generated output names, numpy initializers."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink=None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._count = 0
+        self.sink = sink  # an onnx_io.ExternalData: large weights go straight to the data file
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None, **attrs):
         self._count += 1
@@ -62,7 +63,10 @@ class _Graph:
 
     def const(self, name: str, value) -> str:
         value = np.asarray(value)  # 0-d stays 0-d (ascontiguousarray would make it 1-d)
-        self.inits.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
+        if self.sink is not None:
+            self.inits.append(self.sink.tensor(name, value))
+        else:
+            self.inits.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
         return name
 
     def ints(self, name: str, values) -> str:
@@ -101,13 +105,15 @@ def _check(model: DiJiangForCausalLM, dtype: str) -> None:
         raise ExportError(f"--attention-op inline does not know hidden_act {cfg.hidden_act!r}")
 
 
-def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str = "fp32") -> onnx.ModelProto:
+def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str = "fp32", sink=None) -> onnx.ModelProto:
     """The step graph of ``model`` with the recurrence as standard ops.
 
     Inputs/outputs are those of :func:`.graph.io_specs`: ``input_ids [B, L]``,
     ``attention_mask [B, L]``, ``past_position [B]`` (int64),
     ``past_state.{i} [B, H, d, d]`` float32 -> ``logits`` ``[B, 1, V]`` (or
     ``[B, L, V]`` with ``logits="all"``) float32 and ``present_state.{i}``.
+    ``sink`` (an :class:`~.onnx_io.ExternalData`) receives the large weights
+    as they are made, instead of the graph holding them.
     """
     _check(model, dtype)
     cfg = model.config
@@ -115,7 +121,7 @@ def build_step_graph(model: DiJiangForCausalLM, logits: str = "last", dtype: str
     grp, big_d, rd = h_ // kv, cfg.hidden_size, cfg.rotary_ndims
     layers = list(model.body.layers)
     llama = cfg.family != "gpt_neox"
-    g = _Graph()
+    g = _Graph(sink)
 
     # -- per-step quantities shared by every layer --------------------------
     mask_i = "attention_mask"

@@ -40,6 +40,7 @@ from ..modeling.model import DiJiangForCausalLM, DiJiangState
 from . import ops
 from .direct import DIRECT_OPSET, build_step_graph
 from .flavors import FLAVORS, apply_flavor
+from .onnx_io import EXTERNAL_DATA_BYTES, ExternalData, save_graph
 from .op_counts import decode_op_counts
 from .schema import register_schema
 
@@ -49,8 +50,6 @@ MODEL_FILE = "model.onnx"
 #: ``--attention-op`` values: the traced flavors plus ``inline`` (the graph
 #: built directly with the recurrence as standard ops, see :mod:`.direct`).
 ATTENTION_OPS = ("auto", *FLAVORS, "inline")
-#: Above this size weights go to an external data file (protobuf caps at 2 GiB).
-EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclass
@@ -257,10 +256,12 @@ def quiet_exporter():
         logger.setLevel(level)
 
 
-def trace(model: DiJiangForCausalLM, options: ExportOptions) -> onnx.ModelProto:
+def trace(model: DiJiangForCausalLM, options: ExportOptions, as_program: bool = False):
     """Trace ``model`` with the torch dynamo exporter into an ONNX model.
 
     The recurrence is left as one ``DiJiangLinearAttention`` node per layer.
+    Returns the ``ModelProto``, or with ``as_program`` the exporter's
+    ``ONNXProgram`` (which can save a graph past 2 GiB with external data).
     """
     register_schema()
     cfg = model.config
@@ -293,7 +294,7 @@ def trace(model: DiJiangForCausalLM, options: ExportOptions) -> onnx.ModelProto:
             optimize=True,
             verbose=False,
         )
-    return program.model_proto
+    return program if as_program else program.model_proto
 
 
 def checkpoint_sha256(folder: Path) -> str:
@@ -316,79 +317,39 @@ def export_model(
     source: dict | None = None,
     overwrite: bool = False,
 ) -> Manifest:
-    """Export ``model`` into ``out_dir`` (atomically) and return its manifest."""
+    """Export ``model`` into ``out_dir`` (atomically) and return its manifest.
+
+    Graphs past 1 GiB keep their weights in ``model.onnx.data``; a float
+    ``inline`` export of such a model streams its weights there while the
+    graph is built, so it holds no second copy of them.
+    """
     options = options or ExportOptions()
     options.validate()
     options = resolve_attention_op(model, options)
     started = time.time()
+    quantized = options.weight_format in ("int8", "int4")
     calibration = None
-    if options.weight_format in ("int8", "int4") and options.calibrate:
+    if quantized and options.calibrate:
         if lossless_on_grid(model, options):
             calibration = {"method": "none", "reason": "weights already on this grid (finetune --quant-aware)"}
         else:
             model, calibration = _calibrated(model, options, tokenizer_dir)
-    if options.attention_op == "inline":
-        proto = build_step_graph(model, options.logits, options.dtype)
-        opset = DIRECT_OPSET
-    else:
-        proto = trace(model, options)
-        apply_flavor(proto, options.attention_op)
-        opset = STANDARD_OPSET if options.attention_op == "linear-attention" else PORTABLE_OPSET
-    _fix_io_types(proto, *io_specs(model, options))
-    quantization: dict = {}
-    if options.weight_format in ("int8", "int4"):
-        from .quantize import (
-            DEFAULT_ACCURACY_LEVEL,
-            quantization_info,
-            quantize_weights,
-        )
-
-        DEFAULT_HEAD_LEVEL = DEFAULT_ACCURACY_LEVEL[8]
-
-        # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
-        # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel (SmolLM2
-        # int4 at level 0 decoded 8 tokens/s with the head at level 0).
-        proto = quantize_weights(
-            proto, options, accuracy_level=options.accuracy_level, calibration=calibration,
-            head_accuracy_level=DEFAULT_HEAD_LEVEL if options.weight_format == "int4" else None,
-        )
-        quantization = {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
-    if options.attention_op != "linear-attention":
-        onnx.checker.check_model(proto, full_check=True)
-    inputs, outputs = io_specs(model, options)
-    uses_gated = any(a.geometric for a in model.attention_layers())
-    manifest = Manifest(
-        model_file=MODEL_FILE,
-        flavor=options.attention_op,
-        opset=opset,
-        dtype=options.dtype,
-        weights=options.weight_format,
-        logits=options.logits,
-        max_chunk=options.max_chunk,
-        inputs=inputs,
-        outputs=outputs,
-        num_layers=model.config.num_layers,
-        state_shape=list(model.config.state_shape),
-        decay="geometric" if uses_gated else "general",
-        position_limit=model.position_limit,
-        vocab_size=model.config.vocab_size,
-        bos_token_id=model.config.bos_token_id,
-        eos_token_id=model.config.eos_token_id,
-        decode_ops_per_layer=decode_op_counts(proto, model.config.num_layers),
-        quantization=quantization,
-        source=source or {},
-        config=model.config.to_hf_dict(),
-    )
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        large = proto.ByteSize() > EXTERNAL_DATA_BYTES if _fits_protobuf(proto) else True
-        onnx.save_model(
-            proto,
-            str(tmp / MODEL_FILE),
-            save_as_external_data=large,
-            all_tensors_to_one_file=True,
-            location=MODEL_FILE + ".data",
-        )
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        sink = None
+        if large and options.attention_op == "inline":
+            sink = ExternalData(tmp / (MODEL_FILE + ".data"), keep=_quantizer_inputs(model, options) if quantized else None)
+        try:
+            proto, opset = _step_graph(model, options, sink, tmp / MODEL_FILE if large else None)
+        finally:
+            if sink is not None:
+                sink.close()
+        _fix_io_types(proto, *io_specs(model, options))
+        quantization: dict = {}
+        if quantized:
+            proto, quantization = _quantized(proto, options, calibration)
+        manifest = _manifest(model, options, proto, opset, quantization, source)
+        save_graph(proto, tmp / MODEL_FILE)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
@@ -399,6 +360,64 @@ def export_model(
         manifest.graph_sha256 = graph_sha256(tmp, MODEL_FILE)
         manifest.write(tmp)
     return manifest
+
+
+def _step_graph(model: DiJiangForCausalLM, options: ExportOptions, sink, path: Path | None) -> tuple[onnx.ModelProto, int]:
+    """The graph ``options`` ask for, and its default-domain opset.
+
+    With ``path`` (a large model) a traced graph is saved there with its
+    weights as external data straight from the exporter, and only the graph
+    (without its data) is read back to be edited.
+    """
+    if options.attention_op == "inline":
+        return build_step_graph(model, options.logits, options.dtype, sink=sink), DIRECT_OPSET
+    program = trace(model, options, as_program=True)
+    if path is None:
+        proto = program.model_proto
+    else:
+        program.save(str(path), external_data=True)
+        del program
+        proto = onnx.load(str(path), load_external_data=False)
+    apply_flavor(proto, options.attention_op)
+    return proto, STANDARD_OPSET if options.attention_op == "linear-attention" else PORTABLE_OPSET
+
+
+def _quantizer_inputs(model: DiJiangForCausalLM, options: ExportOptions):
+    """Which of the inline graph's weights the quantizer reads (kept in memory; the rest streams to disk)."""
+    tied_head = options.head_quantized and model.config.tie_word_embeddings
+
+    def keep(name: str) -> bool:
+        if name == "head.weight_t":
+            return options.head_quantized
+        return name.endswith(".weight_t") or (tied_head and name == "embed.weight")
+
+    return keep
+
+
+def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None) -> tuple[onnx.ModelProto, dict]:
+    from .quantize import DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
+
+    # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
+    # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel for it.
+    head_level = DEFAULT_ACCURACY_LEVEL[8] if options.weight_format == "int4" else None
+    proto = quantize_weights(proto, options, accuracy_level=options.accuracy_level, calibration=calibration,
+                             head_accuracy_level=head_level, in_place=True)
+    return proto, {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
+
+
+def _manifest(model: DiJiangForCausalLM, options: ExportOptions, proto: onnx.ModelProto, opset: int,
+              quantization: dict, source: dict | None) -> Manifest:
+    inputs, outputs = io_specs(model, options)
+    cfg = model.config
+    return Manifest(
+        model_file=MODEL_FILE, flavor=options.attention_op, opset=opset, dtype=options.dtype,
+        weights=options.weight_format, logits=options.logits, max_chunk=options.max_chunk, inputs=inputs,
+        outputs=outputs, num_layers=cfg.num_layers, state_shape=list(cfg.state_shape),
+        decay="geometric" if any(a.geometric for a in model.attention_layers()) else "general",
+        position_limit=model.position_limit, vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, decode_ops_per_layer=decode_op_counts(proto, cfg.num_layers),
+        quantization=quantization, source=source or {}, config=cfg.to_hf_dict(),
+    )
 
 
 def write_chat_format(folder: Path) -> bool:
@@ -438,14 +457,6 @@ def _calibrated(
     record = report.to_record()
     record["data"] = options.calibration_data or "built-in corpus"
     return scaled, record
-
-
-def _fits_protobuf(proto: onnx.ModelProto) -> bool:
-    try:
-        proto.ByteSize()
-        return True
-    except ValueError:
-        return False
 
 
 def _fix_io_types(proto: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:

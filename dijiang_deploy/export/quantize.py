@@ -44,6 +44,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..contract.errors import ExportError
+from .onnx_io import save_graph
 from ..contract.names import QUANT_METADATA_KEY as METADATA_KEY
 
 if TYPE_CHECKING:  # graph.py imports this module lazily; avoid a cycle at import time
@@ -315,6 +316,7 @@ def quantize_weights(
     keep_float: Collection[str] = (),
     calibration: dict | None = None,
     head_accuracy_level: int | None = None,
+    in_place: bool = False,
 ) -> onnx.ModelProto:
     """Quantize the linear layers of an exported step graph to ``MatMulNBits``.
 
@@ -334,9 +336,11 @@ def quantize_weights(
         calibration: the record of the activation-aware scaling applied to
             the weights before export (:mod:`.calibrate`), kept in the
             quantization record; None: the weights are quantized as they are.
+        in_place: work on ``proto`` itself instead of a copy (the exporter:
+            for a large model a copy would hold its weights twice).
 
     Returns:
-        The quantized model (a new proto; ``proto`` is left as it was).
+        The quantized model (a new proto unless ``in_place``).
 
     Raises:
         ExportError: bad options, nothing to quantize, or a graph already quantized.
@@ -345,8 +349,17 @@ def quantize_weights(
     bits = _check_options(options)
     if quantization_info(proto) is not None or any(n.domain == MS_DOMAIN for n in proto.graph.node):
         raise ExportError("the graph is already quantized")
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
+    if in_place:
+        model = proto
+        before = onnx.ModelProto()
+        before.graph.node.extend(proto.graph.node)
+        before.graph.input.extend(proto.graph.input)
+        before.graph.output.extend(proto.graph.output)
+        before.graph.initializer.extend(t for t in proto.graph.initializer if t.name.endswith(("proj_matrix", ".D1", ".D2")))
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        before = proto
     selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True)
     unknown = sorted(set(keep_float) - {w.node for w in selected})
     if unknown:
@@ -371,7 +384,7 @@ def quantize_weights(
     made = [n for n in out.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
     if len(made) != len(selected):
         raise ExportError(f"quantizer produced {len(made)} MatMulNBits nodes for {len(selected)} selected MatMuls")
-    _assert_state_untouched(proto, out)
+    _assert_state_untouched(before, out)
     layers = _num_layers(out.graph)
     extra: dict[str, Any] = {}
     if head:
@@ -773,8 +786,7 @@ def quantize_export(
     manifest.quantization = {k: v for k, v in (quantization_info(quant) or {}).items() if k != "quantized_nodes"}
     manifest.decode_ops_per_layer = decode_op_counts(quant, manifest.num_layers)
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        onnx.save_model(quant, str(tmp / manifest.model_file))
-        onnx.checker.check_model(str(tmp / manifest.model_file), full_check=True)
+        save_graph(quant, tmp / manifest.model_file)
         for item in src.iterdir():
             if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data", MANIFEST_NAME):
                 shutil.copy2(item, tmp / item.name)
@@ -836,15 +848,7 @@ def write_qdq_export(src: str | Path, dst: str | Path, overwrite: bool = False) 
     model = onnx.load(str(src / manifest.model_file))
     qdq = matmulnbits_to_qdq(model)
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        large = qdq.ByteSize() > (1 << 30)
-        onnx.save_model(
-            qdq,
-            str(tmp / manifest.model_file),
-            save_as_external_data=large,
-            all_tensors_to_one_file=True,
-            location=manifest.model_file + ".data",
-        )
-        onnx.checker.check_model(str(tmp / manifest.model_file), full_check=True)
+        save_graph(qdq, tmp / manifest.model_file)
         for item in src.iterdir():
             if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data", MANIFEST_NAME):
                 shutil.copy2(item, tmp / item.name)
