@@ -77,7 +77,8 @@ def _export(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .runtime import Model, SamplingParams, Session
 
-    model = Model.open(args.onnx_dir, backend=args.backend, providers=args.provider, threads=args.threads)
+    model = Model.open(args.onnx_dir, backend=args.backend, providers=args.provider, threads=args.threads,
+                       allow_engine_host_code=args.allow_engine_host_code)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--backend", default="ort", choices=["ort", "trt"], help="ort: ONNX_DIR is an export; trt: an engine folder")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider, e.g. CUDAExecutionProvider (repeatable)")
+    p.add_argument("--allow-engine-host-code", action="store_true", help="--backend trt: let an engine built with "
+                   "--serialize-plugins run the plugin code it carries (only for engines you trust)")
     p.add_argument("--load-state", metavar="FILE", help="continue the conversation saved in this state file")
     p.add_argument("--save-state", metavar="FILE", help="save the conversation (state, history) here afterwards")
     p.set_defaults(func=_run)

@@ -299,6 +299,8 @@ def test_package_trtexec_engine(plugin_export: Path, capsys, tmp_path: Path, no_
     assert [t["name"] for t in em.inputs][:3] == ["input_ids", "attention_mask", "past_position"]
     # The copied ONNX manifest carries the engine's chunk so Generator feeds it.
     assert Manifest.load(out).max_chunk == 32
+    # The library is not on this machine: nothing bundled, nothing recorded to load from elsewhere.
+    assert em.plugin_library is None and not list(out.glob("*.so"))
     # Atomic and no silent overwrite.
     code, _, err = _cli(capsys, str(plugin_export), "-o", str(out), "--engine", str(engine), "--plugin-lib", PLUGIN)
     _one_line_error(code, err, "already exists")
@@ -821,6 +823,47 @@ def test_trt_decode_is_captured_once_per_side_then_replayed(fake_backend) -> Non
     state = backend.state
     assert np.all(state[0] == 8.0)
     assert backend.position.tolist() == [8, 8]
+
+
+def test_engine_folders_carry_their_plugin_and_never_point_elsewhere(fake_backend, tmp_path, monkeypatch) -> None:
+    """The build copies the plugin library into the engine folder and records its file name;
+    the backend loads that copy, or an explicit one, never a path engine.json names elsewhere."""
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
+    folder, _ = fake_backend
+    loaded: list[str] = []
+    monkeypatch.setattr("dijiang_deploy.runtime.trt_backend.load_plugin_library", lambda trt, path: loaded.append(str(path)))
+    monkeypatch.delenv(environment.PLUGIN_ENV, raising=False)
+    monkeypatch.setattr("dijiang_deploy.runtime.trt_backend.find_plugin_library",
+                        lambda explicit, required: environment.find_plugin_library(explicit, required=False))
+    meta = json.loads((folder / ENGINE_MANIFEST).read_text())
+    assert meta["plugin_library"] == "libdijiang_trt_plugins.so" and (folder / "libdijiang_trt_plugins.so").is_file()
+    TrtBackend(folder, cuda_graphs=False)
+    assert loaded == [str((folder / "libdijiang_trt_plugins.so").resolve())]
+    elsewhere = tmp_path / "elsewhere" / "libevil.so"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"not ours")
+    (folder / ENGINE_MANIFEST).write_text(json.dumps(meta | {"plugin_library": str(elsewhere)}))
+    loaded.clear()
+    monkeypatch.setattr(environment, "DEFAULT_PLUGIN_LIBRARY", tmp_path / "missing.so")
+    TrtBackend(folder, cuda_graphs=False)
+    assert str(elsewhere) not in loaded and loaded == []
+    explicit = tmp_path / "mine.so"
+    explicit.write_bytes(b"lib")
+    TrtBackend(folder, cuda_graphs=False, plugin_lib=explicit)
+    assert loaded == [str(explicit.resolve())]
+
+
+def test_engine_host_code_runs_only_when_allowed(fake_backend) -> None:
+    from dijiang_deploy.runtime.trt_backend import TrtBackend
+
+    folder, _ = fake_backend
+    meta = json.loads((folder / ENGINE_MANIFEST).read_text())
+    (folder / ENGINE_MANIFEST).write_text(json.dumps(meta | {"plugins_serialized": True, "plugin_library": None}))
+    with pytest.raises(DiJiangError, match=r"embeds plugin code .* allow_host_code=True"):
+        TrtBackend(folder, cuda_graphs=False)
+    backend = TrtBackend(folder, cuda_graphs=False, allow_host_code=True)
+    assert backend.runtime.engine_host_code_allowed is True
 
 
 def test_trt_backend_refusals(fake_backend) -> None:

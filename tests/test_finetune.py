@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from dijiang_deploy.contract.errors import DiJiangError
 import torch
 
 from dijiang_deploy import load_model
@@ -195,6 +197,28 @@ def test_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):
     a, b = read_weights(tmp_path / "straight"), read_weights(out)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_a_damaged_or_foreign_resume_state_is_an_error_not_a_silent_restart(trained, tmp_path):
+    """The resume file is read with weights_only: garbage and pickled objects are refused
+    with a message naming the file, instead of being unpickled or silently ignored."""
+    kwargs = dict(data=trained["train"], teacher=trained["teacher"], steps=4, progress=False)
+    work = tmp_path / ".out.finetune-work"
+    work.mkdir()
+    (work / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(DiJiangError, match=r"state.pt: the resume state is damaged or not ours .*--no-resume"):
+        finetune(trained["dir"], tmp_path / "out", config=small_config(), **kwargs)
+
+    class Payload:  # what an untrusted pickle could smuggle in
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"version": 1, "evil": Payload()}, work / "state.pt")
+    with pytest.raises(DiJiangError, match="damaged or not ours"):
+        finetune(trained["dir"], tmp_path / "out", config=small_config(), **kwargs)
+    assert not (tmp_path / "out").exists()
+    result = finetune(trained["dir"], tmp_path / "out", config=small_config(), resume=False, **kwargs)
+    assert result.out_dir.exists()
 
 
 def test_thread_default_leaves_busy_cpus_alone(monkeypatch):

@@ -193,7 +193,7 @@ def build_engine(
         profiles=specs,
         inputs=[asdict(t) for t in manifest.inputs],
         outputs=[asdict(t) for t in manifest.outputs],
-        plugin_library=str(options.plugin_lib) if options.plugin_lib else None,
+        plugin_library=_bundled_plugin_name(options),
         plugins_serialized=options.serialize_plugins,
         version_compatible=options.serialize_plugins,
         plugin_layers=plugin_layers,
@@ -204,7 +204,8 @@ def build_engine(
         built_with="python-api",
         build_seconds=round(time.time() - started, 1),
     )
-    write_engine_folder(out_dir, onnx_dir, manifest, result, engine_bytes=engine_bytes, overwrite=overwrite)
+    write_engine_folder(out_dir, onnx_dir, manifest, result, engine_bytes=engine_bytes, overwrite=overwrite,
+                        plugin=options.plugin_lib if result.plugin_library else None)
     return result
 
 
@@ -216,9 +217,11 @@ def write_engine_folder(
     engine_bytes: bytes | None = None,
     engine_path: Path | None = None,
     overwrite: bool = False,
+    plugin: Path | None = None,
 ) -> None:
     """Write the engine, ``engine.json``, the ONNX manifest (max_chunk set to the
-    engine's) and the tokenizer files into ``out_dir`` atomically."""
+    engine's), the tokenizer files and the plugin library the engine needs
+    (``plugin``, copied beside it) into ``out_dir`` atomically."""
     onnx_manifest = replace(manifest, max_chunk=engine_manifest.max_chunk)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         target = tmp / engine_manifest.engine_file
@@ -234,6 +237,8 @@ def write_engine_folder(
             src = onnx_dir / name
             if src.exists():
                 shutil.copyfile(src, tmp / name)
+        if plugin is not None:
+            shutil.copy2(plugin, tmp / engine_manifest.plugin_library)
 
 
 def package_engine(
@@ -268,7 +273,7 @@ def package_engine(
         profiles=profile_specs(manifest, options),
         inputs=[asdict(t) for t in manifest.inputs],
         outputs=[asdict(t) for t in manifest.outputs],
-        plugin_library=str(options.plugin_lib) if options.plugin_lib else None,
+        plugin_library=_bundled_plugin_name(options),
         plugins_serialized=options.serialize_plugins,
         version_compatible=options.serialize_plugins,
         target=options.target,
@@ -277,8 +282,24 @@ def package_engine(
         source={"onnx_dir": str(onnx_dir.resolve()), **manifest.source},
         built_with="trtexec",
     )
-    write_engine_folder(out_dir, onnx_dir, manifest, result, engine_path=engine_file, overwrite=overwrite)
+    write_engine_folder(out_dir, onnx_dir, manifest, result, engine_path=engine_file, overwrite=overwrite,
+                        plugin=options.plugin_lib if result.plugin_library else None)
     return result
+
+
+def _bundled_plugin_name(options: BuildOptions) -> str | None:
+    """The plugin library's file name inside the engine folder (None: none, or serialized into the engine).
+
+    Only a bare file name is recorded: an engine folder never points the runtime
+    at a library elsewhere on the machine.
+    """
+    if options.plugin_lib is None or options.serialize_plugins:
+        return None
+    if not Path(options.plugin_lib).is_file():
+        log.warning("plugin library %s is not on this machine: not bundled; the engine folder will need "
+                    "--plugin-lib (or $DIJIANG_TRT_PLUGIN_LIB) where it runs", options.plugin_lib)
+        return None
+    return Path(options.plugin_lib).name
 
 
 __all__ = ["build_engine", "package_engine", "plugin_needed", "write_engine_folder"]

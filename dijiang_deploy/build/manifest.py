@@ -71,9 +71,10 @@ class EngineManifest:
         profiles: the optimization profiles, decode first.
         inputs, outputs: IO contract copied from the ONNX manifest
             (``[{name, shape, dtype}]``).
-        plugin_library: path of the plugin library used at build time, or None.
+        plugin_library: file name of the plugin library copied into the
+            engine folder (never a path elsewhere), or None.
         plugins_serialized: the library is embedded in a version-compatible
-            engine (load it at run time only from the engine).
+            engine: TensorRT runs its host code only when the user allows it.
         version_compatible: built with ``BuilderFlag.VERSION_COMPATIBLE``.
         plugin_layers: number of plugin layers in the parsed network (how
             many attention nodes TensorRT mapped to the DiJiang plugin).

@@ -237,10 +237,16 @@ class _Saver:
         if not path.exists():
             return None
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc:  # a damaged file: start over rather than fail
-            log.warning("ignoring unreadable resume state %s (%s)", path, exc)
-            return None
+            # weights_only: tensors and plain containers, never arbitrary pickled objects.
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises pickle, zip and runtime errors alike
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise DiJiangError(
+                f"{path}: the resume state is damaged or not ours ({reason}); delete {self.work} to start over, "
+                "or run with --no-resume"
+            ) from exc
+        if not isinstance(state, dict):
+            raise DiJiangError(f"{path}: the resume state is not a dictionary; delete {self.work} to start over")
         if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint:
             log.warning("resume state in %s was made with other settings: starting over", self.work)
             return None

@@ -40,8 +40,12 @@ class Model:
         providers: list[str] | None = None,
         threads: int | None = None,
         load_tokenizer: bool = True,
+        allow_engine_host_code: bool = False,
     ) -> "Model":
         """Open an export folder (``backend="ort"``) or an engine folder (``"trt"``).
+
+        ``allow_engine_host_code`` lets a TensorRT engine built with
+        ``--serialize-plugins`` run the plugin code it carries (off: refused).
 
         Raises:
             ExportError: missing or inconsistent folder.
@@ -58,7 +62,7 @@ class Model:
                 raise DiJiangError("providers apply to backend='ort' only")
             from .trt_lane import TrtGraph
 
-            graph = TrtGraph(folder)
+            graph = TrtGraph(folder, allow_host_code=allow_engine_host_code)
         else:
             raise DiJiangError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         tokenizer = _load(folder) if load_tokenizer else None

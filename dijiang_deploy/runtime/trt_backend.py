@@ -70,10 +70,15 @@ class TrtBackend:
     Args:
         folder: engine folder (``engine.json``, ``model.engine``, ``manifest.json``).
         device: CUDA device index.
-        plugin_lib: plugin library; default: the one recorded at build time,
-            ``$DIJIANG_TRT_PLUGIN_LIB``, or ``plugins/build/main``. Not loaded
-            when the engine embeds it (``--serialize-plugins``).
+        plugin_lib: plugin library; default: the one the build copied into the
+            engine folder, else ``$DIJIANG_TRT_PLUGIN_LIB``, else
+            ``plugins/build/main``. A path ``engine.json`` names outside the
+            folder is never loaded. Not loaded when the engine embeds it
+            (``--serialize-plugins``).
         cuda_graphs: capture decode steps in CUDA graphs.
+        allow_host_code: let TensorRT run the plugin code serialized inside a
+            version-compatible engine. Off by default: such an engine is a
+            program, and an engine folder may come from anywhere.
 
     Raises:
         BackendUnavailableError: no TensorRT, torch CUDA, GPU or plugin library.
@@ -87,6 +92,7 @@ class TrtBackend:
         device: int = 0,
         plugin_lib: str | Path | None = None,
         cuda_graphs: bool = True,
+        allow_host_code: bool = False,
     ):
         self.folder = Path(folder)
         self.engine_manifest = EngineManifest.load(self.folder)
@@ -100,16 +106,20 @@ class TrtBackend:
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self._trt_logger)
         if em.plugins_serialized:
-            # The library travels inside the version-compatible engine; loading
-            # it again would register the creators twice.
+            # The library travels inside the version-compatible engine (loading it
+            # again would register the creators twice); running it is the user's call.
+            if not allow_host_code:
+                raise DiJiangError(
+                    f"{self.folder}: the engine embeds plugin code (built with --serialize-plugins); run it only if "
+                    "you trust where it came from: allow_host_code=True (--allow-engine-host-code)"
+                )
             self.runtime.engine_host_code_allowed = True
         else:
             # Needed when the engine holds plugin layers (plugin and
             # linear-attention flavors, or a function flavor whose body was
             # replaced by the plugin at build time).
             required = em.flavor in ("plugin", "linear-attention") or bool(em.plugin_layers) or bool(em.plugin_library)
-            recorded = em.plugin_library if em.plugin_library and Path(em.plugin_library).is_file() else None
-            path = find_plugin_library(plugin_lib or recorded, required=required)
+            path = find_plugin_library(plugin_lib or self._bundled_plugin(), required=required)
             if path is not None:
                 load_plugin_library(trt, path)
         engine_path = self.folder / (em.engine_file or ENGINE_FILE)
@@ -144,6 +154,21 @@ class TrtBackend:
         self._graphs: dict[int, Any] = {}
 
     # -- checks ---------------------------------------------------------------
+
+    def _bundled_plugin(self) -> Path | None:
+        """The plugin library the build copied into the engine folder, if any.
+
+        ``engine.json`` names it by file name; anything with a folder in it (an
+        older engine folder recorded absolute paths) is ignored with a warning.
+        """
+        name = self.engine_manifest.plugin_library
+        if not name:
+            return None
+        if Path(name).name != name or name in (".", ".."):
+            log.warning("engine.json names the plugin library %s outside the engine folder: not loading it", name)
+            return None
+        path = self.folder / name
+        return path if path.is_file() else None
 
     def _check_compatible(self, trt: Any, device: int) -> None:
         em = self.engine_manifest

@@ -39,6 +39,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
     p.add_argument("--backend", default="ort", choices=["ort", "trt"], help="ort (export folder) or trt (engine folder)")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider, e.g. CUDAExecutionProvider")
+    p.add_argument("--allow-engine-host-code", action="store_true", help="--backend trt: let an engine built with "
+                   "--serialize-plugins run the plugin code it carries (only for engines you trust)")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds a request may run (default 600)")
     p.add_argument("--max-body-mib", type=positive_float, default=8.0, help="largest request body (default 8 MiB)")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="on SIGTERM, time running requests get (default 30)")
@@ -69,7 +71,7 @@ def options_from_args(args: argparse.Namespace):
         max_context=args.max_context, state_cache_mib=args.state_cache_mib,
         state_dir=Path(args.state_dir) if args.state_dir else None, threads=args.threads, backend=args.backend,
         providers=args.provider, request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mib * 2**20),
-        grace_seconds=args.grace_seconds,
+        grace_seconds=args.grace_seconds, allow_engine_host_code=args.allow_engine_host_code,
     )
 
 

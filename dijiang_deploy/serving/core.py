@@ -58,6 +58,8 @@ class ServeOptions:
     grace_seconds: float = 30.0
     #: Run every step shape once before serving (steadier first tokens; seconds at start).
     warmup: bool = True
+    #: --backend trt: run plugin code an engine carries (--serialize-plugins).
+    allow_engine_host_code: bool = False
     #: Who served a request (the Ray deployment sets its replica's name).
     replica: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:6]}")
 
@@ -104,7 +106,8 @@ class ServerCore:
 
         o = self.options
         try:
-            model = Model.open(o.export_dir, backend=o.backend, providers=o.providers, threads=o.threads)
+            model = Model.open(o.export_dir, backend=o.backend, providers=o.providers, threads=o.threads,
+                               allow_engine_host_code=o.allow_engine_host_code)
             if model.tokenizer is None:
                 log.warning("%s has no tokenizer: only token-id prompts work", o.export_dir)
             self.model = model
