@@ -222,7 +222,7 @@ def main() -> None:
     plain_error = calibrate._quantized_error
     calibrate._quantized_error = joint_error
     try:
-        cal = calibrate.calibration_ids(args.checkpoint, model.config.vocab_size)
+        cal, _ = calibrate.calibration_ids(args.checkpoint, model.config.vocab_size)
         _, report = calibrate.calibrate_for_quantization(copy.deepcopy(model), cal, 8, block, False, progress=False)
     finally:
         calibrate._quantized_error = plain_error

@@ -82,7 +82,7 @@ def main() -> None:
                 print(f"{name:18s} int{bits} {kind:10s} {compare(ref, run(rounded(model, {}, bits, symmetric)), ids)}", flush=True)
     if args.mixed:
         ref = student_logits(student)
-        cal = calibration_ids(args.checkpoint, student.config.vocab_size)
+        cal, _ = calibration_ids(args.checkpoint, student.config.vocab_size)
         scaled, _ = calibrate_for_quantization(student, cal, 4, BLOCK, symmetric=False, progress=False)
         drift = float((student_logits(scaled) - ref).abs().max())
         print(f"calibrated float model vs original: max |logit difference| {drift:.2e} (logits up to {float(ref.abs().max()):.1f})")

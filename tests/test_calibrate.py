@@ -36,7 +36,7 @@ from dijiang_deploy.testing import random_model
 
 
 def _ids(vocab: int, rows: int = 4, n: int = 64) -> torch.Tensor:
-    return calibration_ids(None, vocab, CalibrationConfig(tokens=rows * n, seq_len=n))
+    return calibration_ids(None, vocab, CalibrationConfig(tokens=rows * n, seq_len=n))[0]
 
 
 @torch.no_grad()
@@ -140,7 +140,7 @@ def test_record_and_opt_out(outlier_exports):
 def test_user_calibration_text(tmp_path):
     text = tmp_path / "cal.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    ids = calibration_ids(None, 256, CalibrationConfig(tokens=512, seq_len=128, data=str(text)))
+    ids, _ = calibration_ids(None, 256, CalibrationConfig(tokens=512, seq_len=128, data=str(text)))
     assert ids.shape == (4, 128) and ids.dtype == torch.long
     assert bytes(ids[0, :9].tolist()) == b"The quick"
     short = tmp_path / "short.txt"
@@ -242,3 +242,26 @@ def test_quantize_export_keeps_named_nodes_float(tmp_path):
     with pytest.raises(ExportError, match="not quantizable linear MatMuls: no_such_node"):
         Q.quantize_export(tmp_path / "fp32", tmp_path / "bad", ExportOptions(weights="int8"), keep_float=["no_such_node"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_calibration_text_does_not_depend_on_installed_packages(tmp_path, monkeypatch):
+    """Two machines with different packages installed calibrate on the same tokens: the
+    package's own text, whose SHA-256 each quantized export records."""
+    import sys
+
+    import dijiang_deploy.export.calibrate  # noqa: F401  (imported before sys.path is narrowed)
+    import dijiang_deploy.finetune.data  # noqa: F401
+    from dijiang_deploy.data import calibration_text, text_sha256
+
+    config = CalibrationConfig(tokens=512, seq_len=128)
+    got = []
+    for i, words in enumerate(("apples pears plums", "engines valves pistons")):
+        site = tmp_path / f"site{i}"
+        (site / "pkg-1.0.dist-info").mkdir(parents=True)
+        (site / "pkg-1.0.dist-info" / "METADATA").write_text("Name: pkg\n\n" + (words + ". ") * 400)
+        monkeypatch.setattr(sys, "path", [str(site)])  # the only "installed" package on this "machine"
+        got.append(calibration_ids(None, 256, config))
+        monkeypatch.undo()
+    (a, record), (b, _) = got
+    assert torch.equal(a, b)
+    assert record == {"data": "built-in calibration text", "data_sha256": text_sha256(calibration_text()), "tokens": 512}

@@ -32,10 +32,11 @@ The projection ``P``, decay tables and state are never touched.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ from torch import nn
 
 from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
+
+log = logging.getLogger(__name__)
 
 #: ``alpha`` candidates (0 = no scaling, the plain RTN baseline, is always one).
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -95,7 +98,10 @@ def ort_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) 
     ``block_size`` along K per output column), so the result is bit-for-bit
     what an exported ``MatMulNBits`` node multiplies by.
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.capi._pybind_state import (
+        quantize_matmul_4bits,
+        quantize_matmul_8bits,
+    )
 
     from .quantize import _unpack_nbits, dequantize_nbits
 
@@ -273,15 +279,22 @@ def calibrate_for_quantization(
 
 def calibration_ids(
     tokenizer_dir: str | Path | None, vocab_size: int, config: CalibrationConfig | None = None
-) -> torch.Tensor:
-    """``[S, seq_len]`` int64 calibration tokens from ``config.data`` or the built-in corpus."""
-    from ..finetune.data import ByteTokenizer, builtin_corpus, load_tokenizer, read_text_source
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[S, seq_len]`` int64 calibration tokens and where they came from.
+
+    The text is ``config.data`` or the package's own calibration text (never
+    anything that depends on what else is installed), so one checkpoint gives
+    the same calibrated export on every machine. The returned record names
+    the data and its SHA-256.
+    """
+    from ..data import calibration_text, text_sha256
+    from ..finetune.data import ByteTokenizer, load_tokenizer, read_text_source
 
     config = config or CalibrationConfig()
     if config.tokens < config.seq_len or config.seq_len < 2:
         raise DiJiangError(f"calibration needs tokens >= seq_len >= 2, got {config.tokens} and {config.seq_len}")
     tok = load_tokenizer(tokenizer_dir, vocab_size) if tokenizer_dir is not None else ByteTokenizer(vocab_size)
-    docs = read_text_source(config.data) if config.data else builtin_corpus(max(200_000, config.tokens * 40))
+    docs = read_text_source(config.data) if config.data else [calibration_text()]
     ids: list[int] = []
     for doc in docs:
         ids += [t for t in tok.encode(doc) if t < vocab_size]
@@ -292,7 +305,11 @@ def calibration_ids(
         raise DiJiangError(
             f"calibration text gave {len(ids)} tokens, fewer than one sequence of {config.seq_len}"
         )
-    return torch.tensor(ids[: rows * config.seq_len], dtype=torch.long).view(rows, config.seq_len)
+    if rows * config.seq_len < config.tokens:
+        log.warning("calibration text gave %d tokens of the %d asked for", rows * config.seq_len, config.tokens)
+    record = {"data": str(config.data) if config.data else "built-in calibration text",
+              "data_sha256": text_sha256("\n\n".join(docs)), "tokens": rows * config.seq_len}
+    return torch.tensor(ids[: rows * config.seq_len], dtype=torch.long).view(rows, config.seq_len), record
 
 
 __all__ = ["CalibrationConfig", "CalibrationReport", "calibrate_for_quantization", "calibration_ids", "ort_rtn"]

@@ -450,12 +450,11 @@ def _calibrated(
 
     seq_len = min(256, options.calibration_tokens)
     config = CalibrationConfig(tokens=options.calibration_tokens, seq_len=seq_len, data=options.calibration_data)
-    ids = calibration_ids(tokenizer_dir, model.config.vocab_size, config)
+    ids, source = calibration_ids(tokenizer_dir, model.config.vocab_size, config)
     scaled, report = calibrate_for_quantization(
         model, ids, BITS[options.weight_format], options.block_size, options.symmetric, config.search_rows
     )
-    record = report.to_record()
-    record["data"] = options.calibration_data or "built-in corpus"
+    record = report.to_record() | source
     return scaled, record
 
 
