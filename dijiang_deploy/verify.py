@@ -66,6 +66,8 @@ class VerifyReport:
     float64: Float64Check | None = None
     #: Why a check was not run (e.g. perplexity without a tokenizer).
     skipped: list[str] = field(default_factory=list)
+    #: The text scored for the perplexity change, when there was one.
+    text_source: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -113,7 +115,7 @@ class VerifyReport:
                 f"{f64.torch_error:.3e} (max |logit| {f64.logit_scale:.1f})",
             ]
         if self.ppl_change is not None:
-            out.append(f"perplexity change       {100 * self.ppl_change:+.2f}%")
+            out.append(f"perplexity change       {100 * self.ppl_change:+.2f}%  ({self.text_source or 'given tokens'})")
         for name, passed in self.checks.items():
             out.append(f"check {'pass' if passed else 'FAIL'}              {name}")
         for why in self.skipped:
@@ -162,11 +164,19 @@ def verify(
             "not the checkpoint this folder was exported from"
         )
     tol = tolerance if tolerance is not None else default_tolerance(gen.manifest.dtype)
-    if input_ids is None and text is not None:
-        from transformers import AutoTokenizer
+    quantized = gen.manifest.weights in ("int8", "int4")
+    text_source = "given text" if text is not None else None
+    if input_ids is None and text is None and quantized:
+        # A quantized export is judged on real text (perplexity), not only on random tokens' top-1.
+        from .data import heldout_text
+        from .runtime.tokenizer import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(reference))
-        input_ids = np.array([tok.encode(text, add_special_tokens=False)[:tokens]], dtype=np.int64)
+        if load_tokenizer(reference) is not None:
+            text, text_source = heldout_text(), "the package's held-out text"
+    if input_ids is None and text is not None:
+        from .runtime.tokenizer import TextTokenizer
+
+        input_ids = np.array([TextTokenizer(reference).encode(text)[:tokens]], dtype=np.int64)
     if input_ids is None:
         rng = np.random.default_rng(seed)
         input_ids = rng.integers(0, model.config.vocab_size, size=(1, tokens), dtype=np.int64)
@@ -194,8 +204,9 @@ def verify(
         report.quality_targets = QUALITY_TARGETS[gen.manifest.weights]
         if text is not None:
             report.ppl_change = quality_report(got, want, input_ids)["ppl_change"]
+            report.text_source = text_source
         else:
-            report.skipped.append("perplexity change (random tokens: pass --text)")
+            report.skipped.append("perplexity change (no tokenizer beside the checkpoint, random tokens: pass --text)")
     elif gen.manifest.dtype == "fp32" and report.max_abs > tol:
         del model
         report.float64 = _float64_check(reference, input_ids, got, want)

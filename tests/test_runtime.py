@@ -249,7 +249,7 @@ def test_verify_judges_quantized_exports_on_quality(tmp_path, capsys):
     assert report.ok == (report.top1_agreement >= 0.99)
     assert report.checks == {"top-1 agreement >= 99%": report.top1_agreement >= 0.99}
     assert report.float64 is None, "quantized exports are judged on quality, not against float64"
-    assert any("perplexity change (random tokens: pass --text)" in line for line in report.lines())
+    assert any("perplexity change (no tokenizer beside the checkpoint" in line for line in report.lines())
 
 
 def test_float64_bound_follows_pytorch_error_up_to_a_cap():
@@ -269,3 +269,18 @@ def test_float64_bound_follows_pytorch_error_up_to_a_cap():
     assert not VerifyReport(**common, float64=worse).ok
     assert not VerifyReport(**common).ok, "without the float64 check the plain tolerance decides"
     assert not VerifyReport(**(common | {"greedy_identical": False}), float64=noisy).ok
+
+
+@requires_smollm2
+def test_verify_scores_quantized_exports_on_real_text_by_default(smollm2_dir, tmp_path):
+    """With a tokenizer beside the checkpoint, a quantized export is judged on the package's
+    held-out text (perplexity change) even when no --text is given."""
+    from dijiang_deploy.checkpoint import save_checkpoint
+    from dijiang_deploy.verify import verify
+
+    model = random_model("llama", seed=0, vocab_size=49152)
+    ck = save_checkpoint(model, tmp_path / "ck", tokenizer_dir=smollm2_dir)
+    export_model(model, tmp_path / "q", ExportOptions(weights="int8", logits="all", max_chunk=16), tokenizer_dir=ck)
+    report = verify(tmp_path / "q", ck, tokens=96, greedy_tokens=4)
+    assert report.ppl_change is not None and report.text_source == "the package's held-out text"
+    assert "perplexity change <= 3%" in report.checks
