@@ -34,14 +34,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({_first_line(exc)})") from exc
 
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle/zip
-        raise CheckpointError(f"{path}: corrupt or unreadable PyTorch weights file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: corrupt or unreadable PyTorch weights file ({_first_line(exc)})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(data).__name__}")
     return data
@@ -63,7 +63,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: malformed shard index ({_first_line(exc)})") from None
+                raise CheckpointError(f"{index}: malformed shard index ({_first_line(exc)})") from exc
             tensors: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 shard_path = folder / shard

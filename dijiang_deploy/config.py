@@ -122,9 +122,9 @@ class ModelConfig:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json not found") from None
+            raise CheckpointError(f"{path}: config.json not found")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(raw)

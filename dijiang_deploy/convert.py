@@ -102,12 +102,12 @@ def _load_gguf(path: Path) -> BaseModel:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - a dependency
-        raise DiJiangError(f"reading GGUF needs transformers, gguf and accelerate ({exc})") from None
+        raise DiJiangError(f"reading GGUF needs transformers, gguf and accelerate ({exc})") from exc
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, OSError, KeyError) as exc:
-        raise CheckpointError(f"{path}: cannot read GGUF model ({str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: cannot read GGUF model ({str(exc).splitlines()[0][:200]})") from exc
     raw = hf.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "dtype", "torch_dtype"):
         raw.pop(key, None)

@@ -203,3 +203,19 @@ def test_convert_model_flag_names_the_embedded_models(tmp_path, capsys):
     assert main(["convert", str(tmp_path), "--model", "smollm2", "-o", str(tmp_path / "out")]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_verbose_shows_the_cause_the_one_line_error_hides(tmp_path):
+    """Without -v: one line, exit 2. With -v: the traceback, down to the original exception."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{broken")
+    cmd = [sys.executable, "-m", "dijiang_deploy.cli"]
+    quiet = subprocess.run([*cmd, "run", str(folder), "--prompt", "hi"], capture_output=True, text=True)
+    assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1 and "not valid JSON" in quiet.stderr
+    loud = subprocess.run([*cmd, "-v", "run", str(folder), "--prompt", "hi"], capture_output=True, text=True)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+    assert "JSONDecodeError" in loud.stderr and "direct cause" in loud.stderr

@@ -25,7 +25,7 @@ def parse_contexts(text: str) -> list[int]:
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise DiJiangError(f"--contexts must be comma-separated integers, got {text!r}") from None
+        raise DiJiangError(f"--contexts must be comma-separated integers, got {text!r}")
     if not values or values[0] < 1:
         raise DiJiangError(f"--contexts needs positive lengths, got {text!r}")
     return values

@@ -28,9 +28,9 @@ def import_tensorrt() -> ModuleType:
         raise BackendUnavailableError(
             f"TensorRT's Python package is not importable ({exc}); install TensorRT 10.x for this GPU's CUDA, "
             "or use --print-trtexec and build with trtexec"
-        ) from None
+        ) from exc
     except Exception as exc:  # a broken install (missing libnvinfer, CUDA mismatch)
-        raise BackendUnavailableError(f"importing tensorrt failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise BackendUnavailableError(f"importing tensorrt failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
         raise BackendUnavailableError(
             "the installed 'tensorrt' package has no Builder/Runtime (a stub wheel?); install a real TensorRT 10.x"

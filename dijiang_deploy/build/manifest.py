@@ -135,7 +135,7 @@ class EngineManifest:
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DiJiangError(f"{path}: not valid JSON ({exc})") from None
+            raise DiJiangError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != ENGINE_FORMAT:
             found = data.get("format") if isinstance(data, dict) else None
             raise DiJiangError(f"{path}: unknown engine manifest format {found!r}")
@@ -147,4 +147,4 @@ class EngineManifest:
             known = set(cls.__dataclass_fields__)
             return cls(**{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError, ValueError) as exc:
-            raise DiJiangError(f"{path}: malformed engine manifest ({exc})") from None
+            raise DiJiangError(f"{path}: malformed engine manifest ({exc})") from exc

@@ -134,7 +134,7 @@ def target_from_dict(data: Any, name: str) -> Target:
                 raise DiJiangError(f"target {name!r}: {key} must be an integer, got {values[key]!r}")
         values["memory_gib"] = float(values["memory_gib"])
     except (TypeError, ValueError) as exc:
-        raise DiJiangError(f"target {name!r}: malformed value ({exc})") from None
+        raise DiJiangError(f"target {name!r}: malformed value ({exc})") from exc
     target = Target(**values)
     if target.name != name:
         raise DiJiangError(f"target {name!r}: its 'name' field says {target.name!r}")
@@ -162,5 +162,5 @@ def load_target(name_or_path: str) -> Target:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DiJiangError(f"target file {path}: cannot read JSON ({exc})") from None
+        raise DiJiangError(f"target file {path}: cannot read JSON ({exc})") from exc
     return target_from_dict(data, name)

@@ -72,7 +72,7 @@ class ChatTemplate:
         try:
             self._template = env.from_string(self.source)
         except TemplateError as exc:
-            raise ExportError(f"the chat template does not parse ({exc})") from None
+            raise ExportError(f"the chat template does not parse ({exc})") from exc
 
     def render(self, messages: Sequence[Message | dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The conversation as the model reads it.
@@ -93,7 +93,7 @@ class ChatTemplate:
                 **self.special,
             )
         except TemplateError as exc:
-            raise DiJiangError(f"chat template failed: {exc}") from None
+            raise DiJiangError(f"chat template failed: {exc}") from exc
 
 
 _MARKS = ("\u2460sys\u2460", "\u2461usr\u2461", "\u2462ast\u2462", "\u2463usr\u2463")
@@ -156,7 +156,7 @@ class ChatFormat:
             return cls(data["system_first_prefix"], data["preamble"], dict(data["prefix"]), dict(data["suffix"]),
                        data["generation_prompt"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ExportError(f"malformed chat format ({exc})") from None
+            raise ExportError(f"malformed chat format ({exc})") from exc
 
     @classmethod
     def derive(cls, template: ChatTemplate) -> "ChatFormat":
@@ -188,7 +188,7 @@ class ChatFormat:
             head, _ = parts(r([("user", u)]), [u])
             with_gen = r([("user", u)], True)
         except DiJiangError as exc:
-            raise ExportError(f"cannot read the chat template's form ({exc})") from None
+            raise ExportError(f"cannot read the chat template's form ({exc})") from exc
         if not user_ast.startswith(user_tail) or not ast_user.startswith(ast_tail):
             raise ExportError("the chat template's message endings depend on what follows them")
         prefix_assistant = user_ast[len(user_tail):]
@@ -235,7 +235,7 @@ def read_tokenizer_config(folder) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+        raise ExportError(f"{path}: not valid JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
 
 

@@ -131,7 +131,7 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ExportError(f"{path}: not valid JSON ({exc})") from None
+            raise ExportError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ExportError(f"{path}: unknown manifest format {data.get('format') if isinstance(data, dict) else None!r}")
         try:
@@ -140,11 +140,11 @@ class Manifest:
             known = set(cls.__dataclass_fields__)
             manifest = cls(**{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError) as exc:
-            raise ExportError(f"{path}: malformed manifest ({exc})") from None
+            raise ExportError(f"{path}: malformed manifest ({exc})") from exc
         try:
             manifest.check_consistent()
         except ExportError as exc:
-            raise ExportError(f"{path}: {exc}") from None
+            raise ExportError(f"{path}: {exc}") from exc
         #: Where it was read from (not a field: never written back).
         manifest.loaded_from = folder
         return manifest
@@ -187,7 +187,7 @@ class Manifest:
             try:
                 info = json.loads(raw)
             except json.JSONDecodeError:
-                raise ExportError(f"the graph's {QUANT_METADATA_KEY} metadata is not valid JSON") from None
+                raise ExportError(f"the graph's {QUANT_METADATA_KEY} metadata is not valid JSON")
         graph = info.get("weights") if isinstance(info, dict) else None
         if self.weights in INTEGER_WEIGHTS and graph != self.weights:
             raise ExportError(

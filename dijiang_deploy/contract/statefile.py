@@ -174,7 +174,7 @@ class SequenceState:
             entries = {t["name"]: t for t in header["tensors"]}
             payload = max((t["offset"] + t["nbytes"] for t in entries.values()), default=0)
         except (ValueError, KeyError, TypeError) as exc:
-            raise StateFileError(f"{source}: damaged header ({exc})") from None
+            raise StateFileError(f"{source}: damaged header ({exc})") from exc
         if len(view) < start + _aligned(payload) + DIGEST:
             raise StateFileError(f"{source}: truncated ({len(view)} bytes, expected {start + _aligned(payload) + DIGEST})")
         if len(view) > start + _aligned(payload) + DIGEST:
@@ -204,7 +204,7 @@ class SequenceState:
                 raise ValueError(f"position {header['position']} but {state.position} tokens")
             state._check_shapes()
         except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(f"{source}: malformed state file ({exc})") from None
+            raise StateFileError(f"{source}: malformed state file ({exc})") from exc
         if expect is not None:
             check_same_model(state.model, expect, source)
         return state

@@ -243,7 +243,7 @@ def quantization_info(model: onnx.ModelProto) -> dict[str, Any] | None:
             try:
                 return json.loads(prop.value)
             except json.JSONDecodeError:
-                raise ExportError(f"the graph's {METADATA_KEY} metadata is not valid JSON") from None
+                raise ExportError(f"the graph's {METADATA_KEY} metadata is not valid JSON")
     return None
 
 
@@ -714,7 +714,7 @@ def check_quantized_export(folder: str | Path) -> dict[str, Any] | None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ExportError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        raise ExportError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
     info = quantization_info(model)
     bits = _graph_bits(model)
     want = manifest.weights

@@ -251,7 +251,7 @@ class FinetuneConfig:
         try:
             dev = torch.device(name)
         except (RuntimeError, ValueError):
-            raise DiJiangError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+            raise DiJiangError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if dev.type not in ("cpu", "cuda"):
             raise DiJiangError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if dev.type == "cuda":

@@ -79,7 +79,7 @@ def _scorer(model_or_dir: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
         try:
             from ..runtime import Generator
         except ImportError as exc:
-            raise DiJiangError(f"{folder}: scoring an ONNX export needs dijiang_deploy.runtime ({exc})") from None
+            raise DiJiangError(f"{folder}: scoring an ONNX export needs dijiang_deploy.runtime ({exc})") from exc
         gen = Generator.from_pretrained(folder)
 
         def score_onnx(ids: torch.Tensor) -> torch.Tensor:

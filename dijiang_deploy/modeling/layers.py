@@ -26,7 +26,7 @@ def activation(name: str):
     except KeyError:
         raise UnsupportedModelError(
             f"unsupported hidden_act {name!r}; supported: {', '.join(sorted(_ACTIVATIONS))}"
-        ) from None
+        )
 
 
 class RotaryEmbedding(nn.Module):

@@ -37,7 +37,7 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - onnxruntime is a core dependency
-        raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from None
+        raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
     return ort
 
 
@@ -96,7 +96,7 @@ class OrtGraph:
         try:
             self.session = ort.InferenceSession(model_arg, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ExportError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:300]})") from None
+            raise ExportError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:300]})") from exc
         graph_in = [(i.name, _np_name(i.type), i.shape) for i in self.session.get_inputs()]
         graph_out = [(o.name, _np_name(o.type), o.shape) for o in self.session.get_outputs()]
         self.manifest.check_graph(graph_in, graph_out)
@@ -331,7 +331,7 @@ def _plugin_graph_for_ort(path: Path, so) -> bytes:
         raise BackendUnavailableError(
             "this export uses the 'plugin' attention op, which ONNX Runtime runs only through "
             "onnxruntime-extensions (pip install onnxruntime-extensions) or TensorRT with the plugin library"
-        ) from None
+        )
     model = onnx.load(str(path))
     gated = any(
         a.name == "update_rule" and a.s == b"gated" for n in model.graph.node if n.op_type == OP_TYPE for a in n.attribute

@@ -165,7 +165,7 @@ class Session:
         try:
             self.messages = [Message.coerce(m) for m in state.extra.get("messages", [])]
         except DiJiangError as exc:
-            raise StateFileError(f"state file: bad chat history ({exc})") from None
+            raise StateFileError(f"state file: bad chat history ({exc})") from exc
         if self._lane is not None:
             self._lane.write_row(0, state.layers, self.position)
         else:

@@ -41,7 +41,7 @@ class TextTokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust library raises plain Exception
-            raise ExportError(f"{path}: cannot read the tokenizer ({str(exc).splitlines()[0][:200]})") from None
+            raise ExportError(f"{path}: cannot read the tokenizer ({str(exc).splitlines()[0][:200]})") from exc
         config = read_tokenizer_config(folder)
         self.special = special_tokens(config)
         self.eos_token_id = self.token_id(self.special.get("eos_token"))

@@ -45,7 +45,7 @@ def _import_torch_cuda() -> Any:
     try:
         import torch
     except ImportError:
-        raise BackendUnavailableError("the TensorRT backend needs torch with CUDA for its device buffers") from None
+        raise BackendUnavailableError("the TensorRT backend needs torch with CUDA for its device buffers")
     if not torch.cuda.is_available():
         raise BackendUnavailableError("the TensorRT backend needs a CUDA device (torch.cuda.is_available() is False)")
     return torch
@@ -139,7 +139,7 @@ class TrtBackend:
                 raise DiJiangError(
                     f"{self.folder}: no optimization profile accepts sequence length {length} "
                     f"(profiles: {sorted(self._profile_lengths.values())}); rebuild or fix engine.json"
-                ) from None
+                )
         self.cuda_graphs = cuda_graphs
         with torch.cuda.device(self.device):
             self.stream = torch.cuda.Stream(self.device)

@@ -175,7 +175,7 @@ class EngineReplica:
             req = ChatCompletionRequest(**body) if kind == "chat" else CompletionRequest(**body)
         except ValidationError as exc:
             message, param = validation_message(exc.errors())
-            raise ApiError(400, message, param=param, code="invalid_request") from None
+            raise ApiError(400, message, param=param, code="invalid_request") from exc
         core.check_model(req.model)
         tokens = core.chat_tokens(req.messages) if kind == "chat" else core.prompt_tokens(req.prompt)
         return await core.start(req, tokens)
@@ -331,7 +331,7 @@ def run_ray(args: argparse.Namespace) -> int:
         try:
             lo, hi = (int(x) for x in args.autoscale.split(":"))
         except ValueError:
-            raise DiJiangError(f"--autoscale must be MIN:MAX, got {args.autoscale!r}") from None
+            raise DiJiangError(f"--autoscale must be MIN:MAX, got {args.autoscale!r}")
         if not 0 <= lo <= hi or hi < 1:
             raise DiJiangError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {args.autoscale}")
         autoscale = (lo, hi)
