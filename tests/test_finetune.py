@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from dijiang_deploy.contract.errors import DiJiangError
 import torch
 
 from dijiang_deploy import load_model
