@@ -35,6 +35,27 @@ def plugin_export(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def la_export(tmp_path_factory) -> Path:
+    """The same model (same seed) exported with the linear-attention flavor."""
+    out = tmp_path_factory.mktemp("export") / "tiny_la"
+    export_model(random_model("llama"), out, ExportOptions(attention_op="linear-attention"))
+    return out
+
+
+@pytest.fixture
+def la_external(la_export: Path, tmp_path: Path) -> Path:
+    """``la_export`` with every weight in ``model.onnx.data`` beside the graph, as large exports are."""
+    import onnx
+
+    folder = tmp_path / "tiny_la_external"
+    folder.mkdir()
+    onnx.save(onnx.load(str(la_export / "model.onnx")), str(folder / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    (folder / "manifest.json").write_bytes((la_export / "manifest.json").read_bytes())
+    return folder
+
+
 @pytest.fixture
 def no_tensorrt(monkeypatch):
     """Make ``import tensorrt`` fail even where TensorRT is installed."""
@@ -230,6 +251,111 @@ def test_print_trtexec_plain_options(plugin_export: Path, capsys, no_tensorrt, t
     assert any(a.startswith("--maxShapes=input_ids:3x16,") for a in argv)
 
 
+def test_print_trtexec_linear_attention_writes_the_plugin_graph(
+    la_external: Path, plugin_export: Path, capsys, no_tensorrt, tmp_path: Path
+) -> None:
+    """trtexec gets the rewritten graph, written beside the engine output with a link to the
+    export's weights; rerunning replaces both."""
+    import onnx
+
+    out = tmp_path / "engines" / "tiny"
+    for _ in range(2):
+        code, stdout, err = _cli(capsys, str(la_external), "-o", str(out), "--plugin-lib", PLUGIN, "--print-trtexec")
+        assert code == 0, err
+    rewritten = Path(f"{out}.plugin.onnx")
+    argv = stdout.split()
+    assert argv[1] == f"--onnx={rewritten}" and f"--saveEngine={out}.engine" in argv
+    assert f"wrote {rewritten}" in err and f"--engine {out}.engine" in err
+    # Apart from the graph it parses, the command is the plugin flavor's.
+    code, plugin_out, _ = _cli(capsys, str(plugin_export), "-o", str(out), "--plugin-lib", PLUGIN, "--print-trtexec")
+    assert argv[2:] == plugin_out.split()[2:]
+    model = onnx.load(str(rewritten), load_external_data=False)
+    assert sum(n.op_type == "DiJiangLinearAttention" for n in model.graph.node) == 2
+    assert not any(n.op_type == "LinearAttention" for n in model.graph.node)
+    link = Path(f"{rewritten}.data")
+    assert link.is_symlink() and link.resolve() == (la_external / "model.onnx.data").resolve()
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {link.name}
+    assert not out.exists()
+
+
+def test_rewrite_matches_the_plugin_flavor_node_for_node(la_export: Path, plugin_export: Path, tmp_path: Path) -> None:
+    """Rewriting the linear-attention export gives the plugin export of the same weights: the
+    same nodes (the attention nodes become the plugin node with plugin_version and
+    plugin_namespace and keep their attributes, inputs and outputs), opsets and weights."""
+    import onnx
+
+    from dijiang_deploy.build.builder import rewrite_to_plugin_nodes, write_plugin_graph
+    from dijiang_deploy.export import register_schema
+
+    la = onnx.load(str(la_export / "model.onnx"))
+    before = [n for n in la.graph.node if n.op_type == "LinearAttention"]
+    assert len(before) == 2
+    before = [onnx.NodeProto.FromString(n.SerializeToString()) for n in before]
+    assert rewrite_to_plugin_nodes(la) == 2
+    plugin = onnx.load(str(plugin_export / "model.onnx"))
+    assert list(la.graph.node) == list(plugin.graph.node)
+    assert list(la.graph.initializer) == list(plugin.graph.initializer)
+    assert list(la.graph.input) == list(plugin.graph.input) and list(la.graph.output) == list(plugin.graph.output)
+    assert list(la.opset_import) == list(plugin.opset_import)
+    after = [n for n in la.graph.node if n.op_type == "DiJiangLinearAttention"]
+    for old, new in zip(before, after, strict=True):
+        assert (new.domain, list(new.input), list(new.output), new.name) == (
+            "com.dijiang_deploy", list(old.input), list(old.output), old.name)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in new.attribute}
+        assert attrs.pop("plugin_version") == b"1" and attrs.pop("plugin_namespace") == b"dijiang"
+        assert attrs == {a.name: onnx.helper.get_attribute_value(a) for a in old.attribute}
+    register_schema()
+    path = tmp_path / "rewritten.onnx"
+    assert write_plugin_graph(la_export / "model.onnx", path) == 2
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_rewritten_graph_computes_what_the_original_does(la_export: Path, tmp_path: Path) -> None:
+    """The rewritten graph, run on ONNX Runtime through the plugin flavor's reference op, scores
+    like the linear-attention graph run by ONNX Runtime's own LinearAttention."""
+    pytest.importorskip("onnxruntime_extensions")
+    import numpy as np
+
+    from dijiang_deploy.build.builder import write_plugin_graph
+    from dijiang_deploy.runtime import Generator
+
+    folder = tmp_path / "rewritten"
+    folder.mkdir()
+    write_plugin_graph(la_export / "model.onnx", folder / "model.onnx")
+    meta = json.loads((la_export / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(meta | {"flavor": "plugin", "opset": 21, "graph_sha256": None}))
+    ids = np.random.default_rng(3).integers(0, meta["vocab_size"], size=(2, 37))
+    want = Generator.from_pretrained(la_export, load_tokenizer=False).score(ids)
+    got = Generator.from_pretrained(folder, load_tokenizer=False).score(ids)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
+
+
+def test_rewrite_refusals() -> None:
+    from onnx import TensorProto, helper
+
+    from dijiang_deploy.build.builder import rewrite_to_plugin_nodes
+
+    def model(**attrs):
+        names = ["q", "k", "v", "s"]
+        node = helper.make_node("LinearAttention", names, ["o", "s2"], q_num_heads=1, kv_num_heads=1, scale=1.0,
+                                update_rule="linear", **attrs)
+        vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+        out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "s2")]
+        return helper.make_model(helper.make_graph([node], "g", vi, out), opset_imports=[helper.make_opsetid("", 27)])
+
+    with pytest.raises(DiJiangError, match=r"attribute\(s\) is_causal that the DiJiangLinearAttention plugin does not"):
+        rewrite_to_plugin_nodes(model(is_causal=1))
+    empty = model()
+    del empty.graph.node[:]
+    with pytest.raises(DiJiangError, match="no LinearAttention node"):
+        rewrite_to_plugin_nodes(empty)
+    ok = model()
+    ok.opset_import.append(helper.make_opsetid("com.microsoft", 1))  # other domains' imports stay
+    assert rewrite_to_plugin_nodes(ok) == 1 and ok.graph.node[0].op_type == "DiJiangLinearAttention"
+    assert {o.domain: o.version for o in ok.opset_import} == {"": 21, "com.dijiang_deploy": 1, "com.microsoft": 1}
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 
@@ -386,7 +512,21 @@ def _fake_tensorrt(version: str = "10.15.1.29", parse_ok: bool = True):
             if not parse_ok:
                 self.errors = ["In node 3 (DiJiangLinearAttention): UNSUPPORTED_NODE: no plugin\nsecond line"]
                 return False
-            graph = onnx.load(path, load_external_data=False).graph
+            model = onnx.load(path, load_external_data=False)
+            graph = model.graph
+            calls["parsed"] = Path(path)
+            calls["parsed_ops"] = [(n.domain, n.op_type) for n in graph.node]
+            calls["parsed_opsets"] = {o.domain: o.version for o in model.opset_import}
+            # External weights the way TensorRT's parser reads them: plain files (links
+            # followed) relative to the graph, no "../".
+            calls["external"] = {}
+            for init in graph.initializer:
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    info = {e.key: e.value for e in init.external_data}
+                    assert "../" not in info["location"]
+                    with open(Path(path).parent / info["location"], "rb") as fh:
+                        fh.seek(int(info.get("offset", 0)))
+                        calls["external"][init.name] = fh.read(int(info["length"]))
             dtype = lambda v: np_to_trt[onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name]  # noqa: E731
             self.network.inputs = [_FakeTensor(v.name, dtype(v)) for v in graph.input]
             self.network.outputs = [_FakeTensor(v.name, dtype(v)) for v in graph.output]
@@ -536,6 +676,41 @@ def test_build_engine_parse_failure_is_one_line(plugin_export: Path, tmp_path: P
     message = str(info.value)
     assert "cannot parse the graph: In node 3 (DiJiangLinearAttention): UNSUPPORTED_NODE" in message
     assert "\n" not in message and not (tmp_path / "eng").exists()
+
+
+def test_build_engine_parses_linear_attention_as_the_plugin_graph(la_export: Path, tmp_path: Path, fake_trt) -> None:
+    """The linear-attention flavor is parsed from a rewritten copy whose attention nodes are the
+    plugin node (the library registers nothing under the standard op's name); the export's own
+    graph is left as it is and the copy is gone after the build."""
+    _, calls = fake_trt()
+    lib = tmp_path / "libdijiang_trt_plugins.so"
+    lib.write_bytes(b"lib")
+    original = (la_export / "model.onnx").read_bytes()
+    result = build_engine(la_export, tmp_path / "eng", resolve_options(Manifest.load(la_export), plugin_lib=lib))
+    parsed = calls["parsed"]
+    assert parsed != la_export / "model.onnx" and parsed.name == "model.onnx"
+    assert parsed.parent.name.startswith("dijiang-trt-") and not parsed.parent.exists()
+    assert calls["parsed_ops"].count(("com.dijiang_deploy", "DiJiangLinearAttention")) == 2
+    assert not any(op == "LinearAttention" for _, op in calls["parsed_ops"])
+    assert calls["parsed_opsets"] == {"": 21, "com.dijiang_deploy": 1}
+    assert result.plugin_layers == 2 and result.flavor == "linear-attention"
+    assert (la_export / "model.onnx").read_bytes() == original
+
+
+def test_build_engine_rewritten_graph_reads_external_weights(la_external: Path, la_export: Path, tmp_path: Path,
+                                                             fake_trt) -> None:
+    """A graph with its weights in model.onnx.data: the rewritten copy reaches every external
+    tensor's bytes (through a link, not a copy) as TensorRT's parser would."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, calls = fake_trt()
+    lib = tmp_path / "libdijiang_trt_plugins.so"
+    lib.write_bytes(b"lib")
+    build_engine(la_external, tmp_path / "eng", resolve_options(Manifest.load(la_external), plugin_lib=lib))
+    weights = {t.name: numpy_helper.to_array(t).tobytes() for t in onnx.load(str(la_export / "model.onnx")).graph.initializer}
+    assert calls["external"] and calls["external"] == {name: weights[name] for name in calls["external"]}
+    assert len(calls["external"]) == len(weights)
 
 
 @pytest.mark.parametrize("version, flavor, expected", [

@@ -2,7 +2,9 @@
 
 Runs scripts/build_plugins.sh into a temporary directory, or reuses the build
 directory named by DIJIANG_PLUGIN_BUILD (the BUILD_DIR the script was given).
-Skips only when nvcc is missing.
+Skips only when nvcc is missing. The one build is against the TensorRT 10.14
+headers of the kernel_lens wheel (or $TensorRT_ROOT): no other TensorRT
+version's headers are available to compile against here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "build_plugins.sh"
-VARIANTS = {"main": None, "trt10_3": 100300}
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not found on PATH")
 
@@ -40,10 +41,9 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_ctest_passes(build_dir: Path, variant: str) -> None:
+def test_ctest_passes(build_dir: Path) -> None:
     result = subprocess.run(
-        ["ctest", "--test-dir", str(build_dir / variant), "--output-on-failure"],
+        ["ctest", "--test-dir", str(build_dir / "main"), "--output-on-failure"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -53,9 +53,8 @@ def test_ctest_passes(build_dir: Path, variant: str) -> None:
     assert "100% tests passed, 0 tests failed out of 3" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_plugin_exports(build_dir: Path, variant: str) -> None:
-    lib = build_dir / variant / "libdijiang_trt_plugins.so"
+def test_plugin_exports(build_dir: Path) -> None:
+    lib = build_dir / "main" / "libdijiang_trt_plugins.so"
     out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in out.splitlines() if " T " in line}
     assert {"getCreators", "setLoggerFinder"} <= exported
@@ -65,22 +64,20 @@ def test_plugin_exports(build_dir: Path, variant: str) -> None:
     assert "getPluginRegistry" not in undefined and "getLogger" not in undefined
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_plugin_loads_without_tensorrt(build_dir: Path, variant: str) -> None:
+def test_plugin_loads_without_tensorrt(build_dir: Path) -> None:
     # Loading must not need libnvinfer; the version shows which headers were used.
-    lib = ctypes.CDLL(str(build_dir / variant / "libdijiang_trt_plugins.so"))
+    lib = ctypes.CDLL(str(build_dir / "main" / "libdijiang_trt_plugins.so"))
     lib.dijiangTrtPluginCompiledVersion.restype = ctypes.c_int32
     version = lib.dijiangTrtPluginCompiledVersion()
-    expected = VARIANTS[variant]
-    if expected is not None:
-        assert version == expected
-    elif not os.environ.get("TensorRT_ROOT"):
+    if not os.environ.get("TensorRT_ROOT"):
         assert version == 101401  # kernel_lens ships the 10.14.1 headers
     n = ctypes.c_int32(-1)
     lib.getCreators.restype = ctypes.c_void_p
     lib.getCreators.argtypes = [ctypes.POINTER(ctypes.c_int32)]
     assert lib.getCreators(ctypes.byref(n))
-    assert n.value == 2
+    # One creator, DiJiangLinearAttention in the "dijiang" namespace (names and namespaces are
+    # checked by ctest's plugin_tests): none under the standard op's name in the empty namespace.
+    assert n.value == 1
 
 
 def test_kernel_library_queries(build_dir: Path) -> None:

@@ -39,7 +39,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-cache", help="timing cache file: read if present, written back after the build")
     p.add_argument(
         "--print-trtexec", action="store_true",
-        help="print the equivalent trtexec command and exit (needs neither TensorRT nor a GPU)",
+        help="print the equivalent trtexec command and exit (needs neither TensorRT nor a GPU; a linear-attention "
+        "export's graph is first rewritten to OUTPUT.plugin.onnx, which the command parses)",
     )
     p.add_argument(
         "--engine", metavar="FILE",
@@ -52,7 +53,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Handler of ``dijiang-deploy build``; errors are :class:`DiJiangError`."""
     from ..contract.manifest import Manifest
-    from .builder import build_engine, package_engine, plugin_needed
+    from .builder import build_engine, package_engine, plugin_graph_path, plugin_needed, write_plugin_graph
     from .environment import DEFAULT_PLUGIN_LIBRARY, PLUGIN_ENV, find_plugin_library
     from .options import check_manifest_inputs, profile_specs, resolve_options
     from .targets import load_target
@@ -90,6 +91,13 @@ def run_build(args: argparse.Namespace) -> int:
             raise DiJiangError("--print-trtexec and --engine are exclusive: print the command, run it, then package")
         onnx_path = Path(args.onnx_dir) / manifest.model_file
         engine_path = Path(f"{args.output}.engine")
+        if manifest.flavor == "linear-attention":
+            # trtexec parses what build_engine parses: the graph with the plugin node.
+            rewritten = plugin_graph_path(args.output)
+            count = write_plugin_graph(onnx_path, rewritten)
+            print(f"# wrote {rewritten}: {onnx_path} with its {count} LinearAttention nodes as the "
+                  "DiJiangLinearAttention plugin node, for trtexec", file=sys.stderr)
+            onnx_path = rewritten
         argv = trtexec_command(onnx_path, engine_path, profile_specs(manifest, options), options)
         print(format_command(argv))
         print(

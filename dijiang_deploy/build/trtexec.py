@@ -33,6 +33,9 @@ def trtexec_command(
 ) -> list[str]:
     """argv of the ``trtexec`` build matching :func:`~.builder.build_engine`.
 
+    ``onnx_path`` is the graph trtexec parses: for a ``linear-attention``
+    export, its plugin-node copy (:func:`~.builder.write_plugin_graph`).
+
     Flags: ``--onnx``, ``--saveEngine``, ``--stronglyTyped``, one
     ``--profile=N --minShapes --optShapes --maxShapes`` group per profile,
     ``--noTF32`` (unless ``tf32``),

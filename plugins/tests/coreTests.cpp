@@ -81,6 +81,15 @@ void testParseValid()
         {"update_rule", ruleWithNul, FieldKind::kCHAR, 6}};
     CHECK(parseAttributes(views.data(), 4, attrs, error));
     CHECK(attrs.numHeads == 4 && attrs.scale == 0.5F && attrs.rule == UpdateRule::kGATED);
+    CHECK(attrs.workspaceBytes == kWorkspaceBytesUnset);
+
+    // workspace_bytes: written by getFieldsToSerialize, int64 (or int32), zero allowed.
+    int64_t workspace = int64_t{5} << 32;
+    views.push_back({"workspace_bytes", &workspace, FieldKind::kINT64, 1});
+    CHECK(parseAttributes(views.data(), 5, attrs, error));
+    CHECK(attrs.workspaceBytes == (int64_t{5} << 32));
+    workspace = 0;
+    CHECK(parseAttributes(views.data(), 5, attrs, error) && attrs.workspaceBytes == 0);
 }
 
 void testParseInvalid()
@@ -152,6 +161,17 @@ void testParseInvalid()
         f.build();
         f.views[0].length = 2;
         CHECK(!f.parse(attrs, error));
+    }
+    {
+        Fields f;
+        int64_t negative = -1;
+        f.build();
+        f.views.push_back({"workspace_bytes", &negative, FieldKind::kINT64, 1});
+        CHECK(!f.parse(attrs, error));
+        CHECK(contains(error, "workspace_bytes"));
+        f.views.back().kind = FieldKind::kFLOAT32;
+        CHECK(!f.parse(attrs, error));
+        CHECK(contains(error, "workspace_bytes") && contains(error, "integer"));
     }
     CHECK(!parseAttributes(nullptr, 1, attrs, error));
 }

@@ -67,6 +67,14 @@ void testValidation()
     CHECK(dijiang_linear_attention_prefill(DIJIANG_DTYPE_FLOAT32, DIJIANG_RULE_GATED, 3, 513, 9, 64, 64, 1.F, 64, p, p,
               p, s, p, p, s, nullptr, ws, nullptr)
         == DIJIANG_STATUS_INSUFFICIENT_WORKSPACE);
+    // The dispatching entry (what the plugin calls) checks the workspace it is given, not the size
+    // the shape needs, and refuses before any launch.
+    CHECK(dijiang_linear_attention_forward(DIJIANG_DTYPE_FLOAT32, DIJIANG_RULE_GATED, 3, 513, 9, 64, 64, 1.F, 64, p, p,
+              p, s, p, p, s, p, ws - 1, nullptr)
+        == DIJIANG_STATUS_INSUFFICIENT_WORKSPACE);
+    CHECK(dijiang_linear_attention_forward(DIJIANG_DTYPE_FLOAT32, DIJIANG_RULE_GATED, 3, 2, 9, 64, 64, 1.F, 64, p, p, p,
+              s, p, p, s, p, 0, nullptr)
+        == DIJIANG_STATUS_INSUFFICIENT_WORKSPACE);
     CHECK(dijiang_linear_attention_prefill(DIJIANG_DTYPE_FLOAT32, DIJIANG_RULE_GATED, 3, 513, 9, 100000, 64, 1.F, 64, p,
               p, p, s, p, p, s, p, ws, nullptr)
         == DIJIANG_STATUS_UNSUPPORTED);

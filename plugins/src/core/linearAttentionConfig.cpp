@@ -115,6 +115,7 @@ bool parseAttributes(FieldView const* fields, int32_t nbFields, Attributes& attr
     bool haveScale = false;
     bool haveRule = false;
     bool haveChunk = false;
+    bool haveWorkspace = false;
     int64_t qHeads = 0;
     int64_t kvHeads = 0;
     Attributes parsed;
@@ -199,6 +200,20 @@ bool parseAttributes(FieldView const* fields, int32_t nbFields, Attributes& attr
                 return false;
             }
             parsed.chunkSize = static_cast<int32_t>(chunk);
+        }
+        else if (equals(f.name, "workspace_bytes"))
+        {
+            int64_t bytes = 0;
+            if (duplicate(haveWorkspace, f.name) || !readInt(f, bytes, error))
+            {
+                return false;
+            }
+            if (bytes < 0)
+            {
+                error = "field 'workspace_bytes' must be >= 0, got " + std::to_string(bytes);
+                return false;
+            }
+            parsed.workspaceBytes = bytes;
         }
         else if (equals(f.name, "plugin_version") || equals(f.name, "plugin_namespace"))
         {

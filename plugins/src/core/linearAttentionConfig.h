@@ -40,12 +40,18 @@ char const* toString(UpdateRule rule) noexcept;
 //! Number of plugin inputs for a rule: query, key, value, past_state (+ decay when gated).
 int32_t numInputs(UpdateRule rule) noexcept;
 
+//! workspaceBytes when the fields did not carry workspace_bytes.
+constexpr int64_t kWorkspaceBytesUnset = -1;
+
 struct Attributes
 {
     int32_t numHeads{0};
     float scale{1.F};
     UpdateRule rule{UpdateRule::kGATED};
     int32_t chunkSize{kDefaultChunkSize};
+    //! Not a node attribute: the workspace TensorRT reserves for the plugin, fixed when the engine is
+    //! built and serialized with it, so that the runtime instance can check each call against it.
+    int64_t workspaceBytes{kWorkspaceBytesUnset};
 };
 
 //! Type tag of a field, mirroring the TensorRT PluginFieldType values we accept.
@@ -68,8 +74,9 @@ struct FieldView
     int32_t length{0};
 };
 
-//! Parses and validates the node attributes. On failure returns false and sets error
-//! to a message naming the field; on success error is left empty.
+//! Parses and validates the node attributes and the serialized workspace_bytes field (optional,
+//! a non-negative integer). On failure returns false and sets error to a message naming the
+//! field; on success error is left empty.
 bool parseAttributes(FieldView const* fields, int32_t nbFields, Attributes& attrs, std::string& error);
 
 //! The output scale actually applied: ONNX defines scale == 0 as 1/sqrt(dk).

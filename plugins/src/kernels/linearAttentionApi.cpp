@@ -59,11 +59,11 @@ dijiang_status_t makeArgs(dijiang_dtype_t dtype, dijiang_update_rule_t rule, int
     {
         return DIJIANG_STATUS_UNSUPPORTED;
     }
+    dijiang::Attributes attrs;
+    attrs.scale = scale;
     args = LaunchArgs{dtype, gated, batch, seqLen, numHeads, headDimK, headDimV,
-        dijiang::effectiveScale(dijiang::Attributes{static_cast<int32_t>(numHeads), scale,
-                                    gated ? dijiang::UpdateRule::kGATED : dijiang::UpdateRule::kLINEAR, 0},
-            headDimK),
-        query, key, value, pastState, gated ? decay : nullptr, output, presentState};
+        dijiang::effectiveScale(attrs, headDimK), query, key, value, pastState, gated ? decay : nullptr, output,
+        presentState};
     return DIJIANG_STATUS_SUCCESS;
 }
 

@@ -3,6 +3,7 @@
 #include "dijiang/linear_attention.h"
 
 #include <exception>
+#include <limits>
 #include <sstream>
 
 using namespace nvinfer1;
@@ -56,6 +57,11 @@ LinearAttentionPlugin::LinearAttentionPlugin(std::string pluginName, std::string
     , mNamespace(std::move(pluginNamespace))
     , mAttrs(attrs)
 {
+    // A build-phase instance learns its workspace in configurePlugin(); until then none is reserved.
+    if (mAttrs.workspaceBytes < 0)
+    {
+        mAttrs.workspaceBytes = 0;
+    }
     initFieldsToSerialize();
 }
 
@@ -80,6 +86,7 @@ void LinearAttentionPlugin::initFieldsToSerialize()
     mDataToSerialize.emplace_back(
         "update_rule", mRuleName.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(mRuleName.size() + 1));
     mDataToSerialize.emplace_back("chunk_size", &mAttrs.chunkSize, PluginFieldType::kINT32, 1);
+    mDataToSerialize.emplace_back("workspace_bytes", &mAttrs.workspaceBytes, PluginFieldType::kINT64, 1);
     mFCToSerialize.nbFields = static_cast<int32_t>(mDataToSerialize.size());
     mFCToSerialize.fields = mDataToSerialize.data();
 }
@@ -168,6 +175,15 @@ int32_t LinearAttentionPlugin::configurePlugin(
                     + " is too large for the prefill kernels");
             return -1;
         }
+        // getWorkspaceSize() returns the same number for these descriptors, and that is what
+        // TensorRT reserves; serialized with the engine, it is what enqueue() checks against.
+        int64_t bytes = 0;
+        if (!profileWorkspace(in, nbInputs, bytes, error))
+        {
+            logMessage(ILogger::Severity::kERROR, mPluginName + ": " + error);
+            return -1;
+        }
+        mAttrs.workspaceBytes = bytes;
     }
     catch (std::exception const& e)
     {
@@ -237,38 +253,72 @@ int32_t LinearAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32_t 
     return outputs[0].d[2] != nullptr ? 0 : -1;
 }
 
-size_t LinearAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-    DynamicPluginTensorDesc const* /*outputs*/, int32_t nbOutputs) const noexcept
+bool LinearAttentionPlugin::profileWorkspace(
+    DynamicPluginTensorDesc const* inputs, int32_t nbInputs, int64_t& bytes, std::string& error) const
 {
-    if (inputs == nullptr || !checkIO(nbInputs, nbOutputs))
-    {
-        return 0;
-    }
-    // Sized for the profile maximum; the layout is monotone in batch and sequence length.
+    // The layout is monotone in batch and sequence length, so the profile maximum covers
+    // every shape the profile admits.
     Shape shapes[5];
     for (int32_t i = 0; i < nbInputs; ++i)
     {
         if (!toShape(inputs[i].max, shapes[i]))
         {
-            return 0;
+            error = "input " + std::to_string(i) + " has an out-of-range rank in the profile maximum";
+            return false;
         }
     }
     Problem problem;
+    if (!deriveProblem(mAttrs, shapes, nbInputs, problem, error))
+    {
+        error = "profile maximum: " + error;
+        return false;
+    }
+    bytes = 0;
+    if (problem.seqLen <= 1)
+    {
+        return true; // the decode kernel needs no workspace
+    }
     WorkspaceLayout layout;
-    std::string error;
+    if (!prefillWorkspaceLayout(problem, mAttrs.chunkSize, layout)
+        || layout.totalBytes > static_cast<size_t>(std::numeric_limits<int64_t>::max()))
+    {
+        error = "no prefill workspace size for the profile maximum (batch " + std::to_string(problem.batch)
+            + ", sequence " + std::to_string(problem.seqLen) + ", dk " + std::to_string(problem.headDimK) + ", dv "
+            + std::to_string(problem.headDimV) + "): unsupported head sizes or size overflow";
+        return false;
+    }
+    bytes = static_cast<int64_t>(layout.totalBytes);
+    return true;
+}
+
+size_t LinearAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t nbOutputs) const noexcept
+{
+    // Returning 0 reserves nothing; enqueue() then refuses every prefill with "insufficient
+    // workspace" instead of writing past a buffer, and the log says why.
     try
     {
-        if (!deriveProblem(mAttrs, shapes, nbInputs, problem, error) || problem.seqLen <= 1
-            || !prefillWorkspaceLayout(problem, mAttrs.chunkSize, layout))
+        if (inputs == nullptr || !checkIO(nbInputs, nbOutputs))
         {
+            logMessage(ILogger::Severity::kERROR,
+                mPluginName + ": cannot size the workspace: expects " + std::to_string(numInputs(mAttrs.rule))
+                    + " inputs and 2 outputs for update_rule '" + mRuleName + "'");
             return 0;
         }
+        int64_t bytes = 0;
+        std::string error;
+        if (!profileWorkspace(inputs, nbInputs, bytes, error))
+        {
+            logMessage(ILogger::Severity::kERROR, mPluginName + ": cannot size the workspace: " + error);
+            return 0;
+        }
+        return static_cast<size_t>(bytes);
     }
-    catch (std::exception const&)
+    catch (std::exception const& e)
     {
-        return 0;
+        logMessage(ILogger::Severity::kERROR, mPluginName + ": cannot size the workspace: " + e.what());
     }
-    return layout.totalBytes;
+    return 0;
 }
 
 char const* LinearAttentionPlugin::getTimingCacheID() noexcept
@@ -288,6 +338,9 @@ int32_t LinearAttentionPlugin::onShapeChange(
 {
     if (in == nullptr || out == nullptr || !checkIO(nbInputs, nbOutputs))
     {
+        logMessage(ILogger::Severity::kERROR,
+            mPluginName + ": expects " + std::to_string(numInputs(mAttrs.rule)) + " inputs and 2 outputs for update_rule '"
+                + mRuleName + "'");
         return -1;
     }
     try
@@ -297,6 +350,7 @@ int32_t LinearAttentionPlugin::onShapeChange(
         {
             if (!toShape(in[i].dims, shapes[i]))
             {
+                logMessage(ILogger::Severity::kERROR, mPluginName + ": input rank out of range");
                 return -1;
             }
         }
@@ -319,47 +373,67 @@ int32_t LinearAttentionPlugin::onShapeChange(
 int32_t LinearAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
-    int32_t const nbInputs = numInputs(mAttrs.rule);
-    Shape shapes[5];
-    for (int32_t i = 0; i < nbInputs; ++i)
-    {
-        if (!toShape(inputDesc[i].dims, shapes[i]))
-        {
-            return -1;
-        }
-    }
-    Problem problem;
-    WorkspaceLayout layout;
     try
     {
+        int32_t const nbInputs = numInputs(mAttrs.rule);
+        if (inputDesc == nullptr || inputs == nullptr || outputs == nullptr)
+        {
+            logMessage(ILogger::Severity::kERROR, mPluginName + ": enqueue called without tensors");
+            return -1;
+        }
+        Shape shapes[5];
+        for (int32_t i = 0; i < nbInputs; ++i)
+        {
+            if (!toShape(inputDesc[i].dims, shapes[i]))
+            {
+                logMessage(ILogger::Severity::kERROR, mPluginName + ": input rank out of range");
+                return -1;
+            }
+        }
+        Problem problem;
         std::string error;
         if (!deriveProblem(mAttrs, shapes, nbInputs, problem, error))
         {
             logMessage(ILogger::Severity::kERROR, mPluginName + ": " + error);
             return -1;
         }
-    }
-    catch (std::exception const&)
-    {
-        return -1;
-    }
-    size_t const workspaceBytes
-        = problem.seqLen > 1 && prefillWorkspaceLayout(problem, mAttrs.chunkSize, layout) ? layout.totalBytes : 0;
-    dijiang_dtype_t const dtype
-        = inputDesc[0].type == DataType::kHALF ? DIJIANG_DTYPE_FLOAT16 : DIJIANG_DTYPE_FLOAT32;
-    bool const gated = mAttrs.rule == UpdateRule::kGATED;
+        dijiang_dtype_t const dtype
+            = inputDesc[0].type == DataType::kHALF ? DIJIANG_DTYPE_FLOAT16 : DIJIANG_DTYPE_FLOAT32;
+        bool const gated = mAttrs.rule == UpdateRule::kGATED;
+        // What TensorRT reserved (workspace_bytes), not what this shape needs: the kernel API
+        // compares the two before it launches anything.
+        auto const reserved = static_cast<size_t>(mAttrs.workspaceBytes);
 
-    dijiang_status_t const status = dijiang_linear_attention_forward(dtype,
-        gated ? DIJIANG_RULE_GATED : DIJIANG_RULE_LINEAR, problem.batch, problem.seqLen, problem.numHeads,
-        problem.headDimK, problem.headDimV, mAttrs.scale, mAttrs.chunkSize, inputs[0], inputs[1], inputs[2],
-        static_cast<float const*>(inputs[kPAST_STATE]), gated ? inputs[4] : nullptr, outputs[0],
-        static_cast<float*>(outputs[1]), workspace, workspaceBytes, stream);
-    if (status != DIJIANG_STATUS_SUCCESS)
-    {
-        logMessage(ILogger::Severity::kERROR, mPluginName + ": enqueue failed: " + dijiang_status_string(status));
-        return -1;
+        dijiang_status_t const status = dijiang_linear_attention_forward(dtype,
+            gated ? DIJIANG_RULE_GATED : DIJIANG_RULE_LINEAR, problem.batch, problem.seqLen, problem.numHeads,
+            problem.headDimK, problem.headDimV, mAttrs.scale, mAttrs.chunkSize, inputs[0], inputs[1], inputs[2],
+            static_cast<float const*>(inputs[kPAST_STATE]), gated ? inputs[4] : nullptr, outputs[0],
+            static_cast<float*>(outputs[1]), workspace, reserved, stream);
+        if (status == DIJIANG_STATUS_INSUFFICIENT_WORKSPACE)
+        {
+            WorkspaceLayout layout;
+            std::string const needed = prefillWorkspaceLayout(problem, mAttrs.chunkSize, layout)
+                ? std::to_string(layout.totalBytes)
+                : std::string("an unknown number of");
+            logMessage(ILogger::Severity::kERROR,
+                mPluginName + ": enqueue failed: insufficient workspace: batch " + std::to_string(problem.batch)
+                    + ", sequence " + std::to_string(problem.seqLen) + " needs " + needed
+                    + " bytes, TensorRT reserved " + std::to_string(reserved)
+                    + (workspace == nullptr ? " (null workspace pointer)" : ""));
+            return -1;
+        }
+        if (status != DIJIANG_STATUS_SUCCESS)
+        {
+            logMessage(ILogger::Severity::kERROR, mPluginName + ": enqueue failed: " + dijiang_status_string(status));
+            return -1;
+        }
+        return 0;
     }
-    return 0;
+    catch (std::exception const& e)
+    {
+        logMessage(ILogger::Severity::kERROR, mPluginName + ": enqueue failed: " + e.what());
+    }
+    return -1;
 }
 
 IPluginV3* LinearAttentionPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
@@ -382,6 +456,7 @@ LinearAttentionPluginCreator::LinearAttentionPluginCreator(char const* pluginNam
     mPluginAttributes.emplace_back("scale", nullptr, PluginFieldType::kFLOAT32, 1);
     mPluginAttributes.emplace_back("update_rule", nullptr, PluginFieldType::kCHAR, 0);
     mPluginAttributes.emplace_back("chunk_size", nullptr, PluginFieldType::kINT32, 1);
+    mPluginAttributes.emplace_back("workspace_bytes", nullptr, PluginFieldType::kINT64, 1);
     mPluginAttributes.emplace_back("plugin_version", nullptr, PluginFieldType::kCHAR, 0);
     mPluginAttributes.emplace_back("plugin_namespace", nullptr, PluginFieldType::kCHAR, 0);
     mFC.nbFields = static_cast<int32_t>(mPluginAttributes.size());
@@ -409,10 +484,10 @@ PluginFieldCollection const* LinearAttentionPluginCreator::getFieldNames() noexc
 }
 
 IPluginV3* LinearAttentionPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
+    char const* name, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
 {
     // Build and runtime phases parse the same fields: getFieldsToSerialize() writes the
-    // attributes back under their ONNX names.
+    // attributes back under their ONNX names, plus workspace_bytes.
     try
     {
         std::string const where = mPluginName + " (" + (name != nullptr ? name : "unnamed") + ")";
@@ -433,6 +508,14 @@ IPluginV3* LinearAttentionPluginCreator::createPlugin(
         if (!parseAttributes(views.data(), static_cast<int32_t>(views.size()), attrs, error))
         {
             logMessage(ILogger::Severity::kERROR, where + ": " + error);
+            return nullptr;
+        }
+        // Without it the runtime instance cannot know what TensorRT reserved, and a guess is how a
+        // prefill writes past its workspace.
+        if (phase == TensorRTPhase::kRUNTIME && attrs.workspaceBytes == kWorkspaceBytesUnset)
+        {
+            logMessage(ILogger::Severity::kERROR,
+                where + ": serialized plugin has no 'workspace_bytes' field; rebuild the engine with this library");
             return nullptr;
         }
         return new LinearAttentionPlugin(mPluginName, mNamespace, attrs);

@@ -1,22 +1,21 @@
 /*
  * TensorRT IPluginV3 implementation of the DiJiang linear-attention node
- * (plugins/README.md). One plugin class, one creator class; the creator is
- * instantiated once per registration name.
+ * (plugins/README.md). One plugin class, one creator class, registered once in
+ * the project's namespace.
  */
 #ifndef DIJIANG_LINEAR_ATTENTION_PLUGIN_H
 #define DIJIANG_LINEAR_ATTENTION_PLUGIN_H
 
-// Must come first: lets a version shim directory ahead in the include path stand in for
-// the headers' own NvInferVersion.h (see cmake/trt10_3_shim).
-#include "NvInferVersion.h"
-
 #include "NvInferRuntime.h"
+#include "NvInferVersion.h"
 
 #include "linearAttentionConfig.h"
 
 #include <string>
 #include <vector>
 
+// Only IPluginV3 / IPluginV3One* / IPluginCreatorV3One interfaces are used, all of which exist
+// since TensorRT 10.0; the library is compiled and tested against 10.14 headers only.
 #if NV_TENSORRT_MAJOR < 10
 #error "IPluginV3 needs TensorRT 10.0 or newer"
 #endif
@@ -26,11 +25,10 @@ namespace dijiang
 namespace plugin
 {
 
+// dijiang_deploy/contract/names.py: OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE.
 constexpr char const* kPLUGIN_VERSION{"1"};
 constexpr char const* kDIJIANG_PLUGIN_NAME{"DiJiangLinearAttention"};
 constexpr char const* kDIJIANG_PLUGIN_NAMESPACE{"dijiang"};
-constexpr char const* kONNX_PLUGIN_NAME{"LinearAttention"};
-constexpr char const* kONNX_PLUGIN_NAMESPACE{""};
 
 class LinearAttentionPlugin : public nvinfer1::IPluginV3,
                               public nvinfer1::IPluginV3OneCore,
@@ -78,6 +76,10 @@ public:
 
 private:
     bool checkIO(int32_t nbInputs, int32_t nbOutputs) const noexcept;
+    //! Workspace for the largest shapes of the profile (inputs[i].max). False with a message
+    //! when the profile's shapes cannot be run.
+    bool profileWorkspace(
+        nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs, int64_t& bytes, std::string& error) const;
     void initFieldsToSerialize();
 
     std::string mPluginName;

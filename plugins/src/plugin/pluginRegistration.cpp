@@ -102,9 +102,11 @@ private:
 
 LoggerSource gLoggerSource;
 
+// Only the project's namespace: a creator named after a standard ONNX op in the empty
+// namespace could collide with TensorRT's own plugins and importers. The linear-attention
+// flavor reaches this creator because dijiang-deploy build rewrites its LinearAttention nodes.
 LinearAttentionPluginCreator gDiJiangCreator{kDIJIANG_PLUGIN_NAME, kDIJIANG_PLUGIN_NAMESPACE};
-LinearAttentionPluginCreator gOnnxCreator{kONNX_PLUGIN_NAME, kONNX_PLUGIN_NAMESPACE};
-IPluginCreatorInterface* const gCreators[] = {&gDiJiangCreator, &gOnnxCreator};
+IPluginCreatorInterface* const gCreators[] = {&gDiJiangCreator};
 constexpr int32_t kNB_CREATORS = static_cast<int32_t>(sizeof(gCreators) / sizeof(gCreators[0]));
 
 class StaticRegistration
