@@ -33,7 +33,7 @@ import torch
 from dijiang_deploy.contract.atomic import atomic_dir
 from dijiang_deploy.checkpoint import load_model
 from dijiang_deploy.contract.manifest import MANIFEST_NAME
-from dijiang_deploy.export.quantize import METADATA_KEY
+from dijiang_deploy.contract.names import QUANT_METADATA_KEY as METADATA_KEY
 from dijiang_deploy.runtime import Generator
 
 

@@ -24,7 +24,8 @@ import torch
 
 from dijiang_deploy.checkpoint import load_model
 from dijiang_deploy.finetune import FinetuneConfig, finetune
-from dijiang_deploy.finetune.data import heldout_text, load_tokenizer
+from dijiang_deploy.data import heldout_text
+from dijiang_deploy.data.text import load_tokenizer
 from dijiang_deploy.finetune.teacher import load_teacher, softmax_attention
 
 WINDOW = 512

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from dijiang_deploy.checkpoint import load_model
 from dijiang_deploy.contract.errors import DiJiangError
-from dijiang_deploy.export import calibrate
-from dijiang_deploy.finetune.data import heldout_text, load_tokenizer
+from dijiang_deploy.quantization import calibrate
+from dijiang_deploy.data import heldout_text
+from dijiang_deploy.data.text import load_tokenizer
 
 GROUP_OF = {"attn": "attn_in", "o_proj": "o_in", "dense": "o_in", "gate_proj": "mlp_in", "up_proj": "mlp_in",
             "dense_h_to_4h": "mlp_in", "down_proj": "down_in", "dense_4h_to_h": "down_in"}
@@ -235,7 +236,8 @@ def main() -> None:
 
         from dijiang_deploy.export import ExportOptions
         from dijiang_deploy.contract.manifest import Manifest
-        from dijiang_deploy.export.quantize import find_linear_weights, quantize_export
+        from dijiang_deploy.export.quantized import quantize_export
+        from dijiang_deploy.quantization.select import find_linear_weights
         from dijiang_deploy.runtime import Generator
 
         manifest = Manifest.load(args.ort)

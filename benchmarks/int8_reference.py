@@ -34,8 +34,9 @@ import onnxruntime as ort
 
 from dijiang_deploy.bench.kv_export import KV_MODEL, export_kv_model, kv_geometry, load_hf_base
 from dijiang_deploy.export import ExportOptions
-from dijiang_deploy.export.quantize import quality_report, quantize_weights
-from dijiang_deploy.finetune.data import heldout_text
+from dijiang_deploy.quality import quality_report
+from dijiang_deploy.quantization.nbits import quantize_weights
+from dijiang_deploy.data import heldout_text
 
 VARIANTS = (
     ("int8 asymmetric, accuracy level 4 (int8 activations)", False, 4),

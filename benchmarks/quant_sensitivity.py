@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from dijiang_deploy.checkpoint import load_model
-from dijiang_deploy.export.calibrate import _groups, calibrate_for_quantization, calibration_ids, ort_rtn
-from dijiang_deploy.finetune.data import heldout_text, load_tokenizer
+from dijiang_deploy.quantization.calibrate import _groups, calibrate_for_quantization, calibration_ids
+from dijiang_deploy.quantization.rtn import ort_rtn
+from dijiang_deploy.data import heldout_text
+from dijiang_deploy.data.text import load_tokenizer
 from dijiang_deploy.finetune.teacher import load_teacher
 
 BLOCK = 32

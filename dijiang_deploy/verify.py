@@ -199,7 +199,7 @@ def verify(
         tolerance=tol,
     )
     if gen.manifest.weights in ("int8", "int4"):
-        from .export.quantize import QUALITY_TARGETS, quality_report
+        from .quality import QUALITY_TARGETS, quality_report
 
         report.quality_targets = QUALITY_TARGETS[gen.manifest.weights]
         if text is not None:

@@ -10,7 +10,7 @@ import torch
 from dijiang_deploy.checkpoint import save_checkpoint
 from dijiang_deploy.convert import BaseModel, convert_base
 from dijiang_deploy.finetune import FinetuneConfig, SoftmaxTeacher
-from dijiang_deploy.finetune.data import ByteTokenizer
+from dijiang_deploy.data.text import ByteTokenizer
 from dijiang_deploy.testing import random_base
 
 NOUNS = ["cat", "dog", "bird", "fish", "girl", "boy", "farmer", "robot", "teacher", "horse"]

@@ -23,8 +23,9 @@ import torch
 from dijiang_deploy.cli import main
 from dijiang_deploy.contract.errors import DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model
-from dijiang_deploy.export import quantize as Q
-from dijiang_deploy.export.calibrate import (
+from dijiang_deploy.export import quantized
+from dijiang_deploy.quantization import nbits, qdq, select
+from dijiang_deploy.quantization.calibrate import (
     CalibrationConfig,
     _groups,
     calibrate_for_quantization,
@@ -96,7 +97,7 @@ def test_ort_rtn_is_what_the_export_holds(bits, symmetric):
     graph = helper.make_graph([node, relu], "g", [x], [y], [numpy_helper.from_array(w, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     opts = ExportOptions(weights=f"int{bits}", block_size=16, symmetric=symmetric, quantize_head=False)
-    (got,) = Q.dequantized_weights(Q.quantize_weights(proto, opts)).values()
+    (got,) = qdq.dequantized_weights(nbits.quantize_weights(proto, opts)).values()
     want = ort_rtn(w, bits, 16, symmetric)
     np.testing.assert_array_equal(got, want)
     assert np.abs(want - w).max() > 0  # it did quantize
@@ -134,7 +135,7 @@ def test_record_and_opt_out(outlier_exports):
     assert "calibration" not in Manifest.load(outlier_exports["rtn"]).quantization
     # The graph's own record (what check_quantized_export reads) carries it too.
     proto = onnx.load(str(outlier_exports["calibrated"] / "model.onnx"), load_external_data=False)
-    assert Q.quantization_info(proto)["calibration"]["tokens"] == 256
+    assert nbits.quantization_info(proto)["calibration"]["tokens"] == 256
 
 
 def test_user_calibration_text(tmp_path):
@@ -173,8 +174,8 @@ def test_zero_points_default_only_where_ort_alone_reads_the_graph(outlier_export
     man = Manifest.load(outlier_exports["calibrated"])
     assert man.flavor == "inline" and man.quantization["symmetric"] is False
     proto = onnx.load(str(outlier_exports["calibrated"] / "model.onnx"), load_external_data=False)
-    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    four = [n for n in nbits if {a.name: a.i for a in n.attribute}["bits"] == 4]
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    four = [n for n in nodes if {a.name: a.i for a in n.attribute}["bits"] == 4]
     assert four and all(len(n.input) >= 4 and n.input[3] for n in four)  # every 4-bit node has zero points
     # TensorRT-bound flavors and int8 stay symmetric; an explicit choice wins.
     for opts, want in (
@@ -193,15 +194,15 @@ def test_quantize_export_equals_uncalibrated_export(tmp_path):
 
     model = random_model("llama", seed=4)
     export_model(model, tmp_path / "fp32", ExportOptions(logits="all"))
-    record = Q.quantize_export(tmp_path / "fp32", tmp_path / "q", ExportOptions(weights="int4"))
+    record = quantized.quantize_export(tmp_path / "fp32", tmp_path / "q", ExportOptions(weights="int4"))
     export_model(model, tmp_path / "direct", ExportOptions(weights="int4", logits="all", calibrate=False))
     man, direct = Manifest.load(tmp_path / "q"), Manifest.load(tmp_path / "direct")
     assert man.weights == "int4" and man.flavor == "inline"
     assert record["symmetric"] is False and man.quantization["symmetric"] is False  # the inline rule
     assert "calibration" not in man.quantization
     assert man.quantization["quantized_matmuls"] == direct.quantization["quantized_matmuls"]
-    got = Q.dequantized_weights(onnx.load(str(tmp_path / "q" / "model.onnx")))
-    want = Q.dequantized_weights(onnx.load(str(tmp_path / "direct" / "model.onnx")))
+    got = qdq.dequantized_weights(onnx.load(str(tmp_path / "q" / "model.onnx")))
+    want = qdq.dequantized_weights(onnx.load(str(tmp_path / "direct" / "model.onnx")))
     assert sorted(map(np.shape, got.values())) == sorted(map(np.shape, want.values()))
     for a, b in zip(sorted(got.values(), key=lambda w: (w.shape, float(w.sum()))), sorted(want.values(), key=lambda w: (w.shape, float(w.sum())))):
         np.testing.assert_array_equal(a, b)
@@ -210,7 +211,7 @@ def test_quantize_export_equals_uncalibrated_export(tmp_path):
         Generator.from_pretrained(tmp_path / "q").score(ids), Generator.from_pretrained(tmp_path / "direct").score(ids), atol=1e-5
     )
     with pytest.raises(ExportError, match="float32 export"):
-        Q.quantize_export(tmp_path / "q", tmp_path / "qq", ExportOptions(weights="int8"))
+        quantized.quantize_export(tmp_path / "q", tmp_path / "qq", ExportOptions(weights="int8"))
     assert not (tmp_path / "qq").exists()
 
 
@@ -222,10 +223,10 @@ def test_quantize_export_keeps_named_nodes_float(tmp_path):
     model = random_model("llama", seed=5)
     export_model(model, tmp_path / "fp32", ExportOptions(logits="all"))
     fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
-    selected, _ = Q.find_linear_weights(fp32)
+    selected, _ = select.find_linear_weights(fp32)
     keep = [w for w in selected if w.weight.startswith("layers.0.")]
     assert keep and len(keep) < len(selected)
-    record = Q.quantize_export(tmp_path / "fp32", tmp_path / "q", ExportOptions(weights="int8"), keep_float=[w.node for w in keep])
+    record = quantized.quantize_export(tmp_path / "fp32", tmp_path / "q", ExportOptions(weights="int8"), keep_float=[w.node for w in keep])
     assert record["quantized_matmuls"] == len(selected) - len(keep)
     quant = onnx.load(str(tmp_path / "q" / "model.onnx"))
     by_name = {n.name: n for n in quant.graph.node}
@@ -240,7 +241,7 @@ def test_quantize_export_keeps_named_nodes_float(tmp_path):
     from dijiang_deploy.contract.errors import ExportError
 
     with pytest.raises(ExportError, match="not quantizable linear MatMuls: no_such_node"):
-        Q.quantize_export(tmp_path / "fp32", tmp_path / "bad", ExportOptions(weights="int8"), keep_float=["no_such_node"])
+        quantized.quantize_export(tmp_path / "fp32", tmp_path / "bad", ExportOptions(weights="int8"), keep_float=["no_such_node"])
     assert not (tmp_path / "bad").exists()
 
 
@@ -249,7 +250,7 @@ def test_calibration_text_does_not_depend_on_installed_packages(tmp_path, monkey
     package's own text, whose SHA-256 each quantized export records."""
     import sys
 
-    import dijiang_deploy.export.calibrate  # noqa: F401  (imported before sys.path is narrowed)
+    import dijiang_deploy.quantization.calibrate  # noqa: F401  (imported before sys.path is narrowed)
     import dijiang_deploy.finetune.data  # noqa: F401
     from dijiang_deploy.data import calibration_text, text_sha256
 

@@ -28,7 +28,7 @@ PROMPT = [5, 900_000, 17, 123_456, 42, 1_099_999, 7, 311]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict:
     from dijiang_deploy.checkpoint import save_checkpoint
-    from dijiang_deploy.finetune.quant_aware import QuantAwareConfig, WeightGrid
+    from dijiang_deploy.quantization.grid import QuantAwareConfig, WeightGrid
     from dijiang_deploy.testing import random_model
 
     model = random_model("llama", seed=1, vocab_size=VOCAB, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,

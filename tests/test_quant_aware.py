@@ -21,10 +21,10 @@ from dijiang_deploy.checkpoint import save_checkpoint
 from dijiang_deploy.convert import convert_base
 from dijiang_deploy.contract.errors import DiJiangError
 from dijiang_deploy.export import ExportOptions, Manifest, export_checkpoint
-from dijiang_deploy.export import quantize as Q
+from dijiang_deploy.quantization import qdq, select
 from dijiang_deploy.export.graph import lossless_on_grid, resolve_attention_op
 from dijiang_deploy.finetune import SoftmaxTeacher, evaluate, finetune
-from dijiang_deploy.finetune.quant_aware import (
+from dijiang_deploy.quantization.grid import (
     ON_GRID_TOLERANCE, QuantAwareConfig, WeightGrid, recorded_grid, round_to_grid, torch_rtn,
 )
 from dijiang_deploy.runtime import Generator
@@ -76,7 +76,7 @@ NOT_IDEMPOTENT = [
 
 
 def test_snapping_reaches_a_fixed_point_of_the_exports_rounding():
-    from dijiang_deploy.finetune.quant_aware import snap_to_grid
+    from dijiang_deploy.quantization.grid import snap_to_grid
 
     block = torch.from_numpy(np.array(NOT_IDEMPOTENT, dtype=np.uint32).view(np.float32).copy())[:, None]
     once = round_to_grid(block, 0, INT4)
@@ -171,14 +171,14 @@ def test_quant_aware_refuses_adapters(runs, tmp_path):
 
 def _float_weights(proto: onnx.ModelProto) -> list[np.ndarray]:
     inits = {t.name: t for t in proto.graph.initializer}
-    selected, _ = Q.find_linear_weights(proto, include_head=False)
+    selected, _ = select.find_linear_weights(proto, include_head=False)
     return [onnx.numpy_helper.to_array(inits[w.weight]) for w in selected]
 
 
 def _worst_match(quantized: onnx.ModelProto, floats: list[np.ndarray]) -> float:
     """Largest distance between a quantized MatMul's weights and the nearest float graph weight."""
     worst = 0.0
-    for name, w in Q.dequantized_weights(quantized).items():
+    for name, w in qdq.dequantized_weights(quantized).items():
         same = [f for f in floats if f.shape == w.shape]
         assert same, f"{name}: no float weight of shape {w.shape}"
         worst = max(worst, min(float(np.abs(f - w).max()) for f in same))

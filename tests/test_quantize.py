@@ -34,7 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dijiang_deploy.contract.errors import ExportError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model, register_schema
-from dijiang_deploy.export import quantize as Q
+from dijiang_deploy.export import quantized
+from dijiang_deploy.quantization import nbits, qdq, select
 from dijiang_deploy.contract.manifest import MANIFEST_NAME
 from dijiang_deploy.export.op_counts import decode_op_counts
 from dijiang_deploy.runtime import Generator
@@ -62,7 +63,7 @@ def _write_folder(proto: onnx.ModelProto, manifest: Manifest, folder: Path, weig
 def bundle(tmp_path_factory):
     """family -> {"model", "float" (flavored float proto), folders by variant}."""
     out = {}
-    real = Q.quantize_weights
+    real = nbits.quantize_weights
     for fam in ("llama", "gpt_neox"):
         model = random_model(fam, seed=7)
         seen: list[onnx.ModelProto] = []
@@ -74,7 +75,7 @@ def bundle(tmp_path_factory):
             return real(proto, options, **kw)
 
         root = tmp_path_factory.mktemp(f"q-{fam}")
-        Q.quantize_weights = capture  # export_model imports it at call time
+        nbits.quantize_weights = capture  # export_model imports it at call time
         try:
             # calibrate=False: the dequantized-twin tests below put the graph's
             # weights back into `model`, whose norms calibration would rescale
@@ -84,29 +85,29 @@ def bundle(tmp_path_factory):
             )
             export_model(model, root / "int4", opts)
         finally:
-            Q.quantize_weights = real
+            nbits.quantize_weights = real
         (float_proto,) = seen
         manifest = Manifest.load(root / "int4")
         entry = {"model": model, "float": float_proto, "int4": root / "int4"}
-        int8 = Q.quantize_weights(float_proto, ExportOptions(weights="int8", block_size=32, quantize_head=False))
+        int8 = nbits.quantize_weights(float_proto, ExportOptions(weights="int8", block_size=32, quantize_head=False))
         entry["int8"] = _write_folder(int8, manifest, root / "int8", "int8")  # accuracy_level 4 (default)
-        int8_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int8", quantize_head=False), accuracy_level=0)
+        int8_l0 = nbits.quantize_weights(float_proto, ExportOptions(weights="int8", quantize_head=False), accuracy_level=0)
         entry["int8-l0"] = _write_folder(int8_l0, manifest, root / "int8-l0", "int8")
-        head = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True))
+        head = nbits.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True))
         entry["int4-head"] = _write_folder(head, manifest, root / "int4-head", "int4")
         # accuracy_level 0 twins compute in float32: exact against dequantized PyTorch.
-        int4_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=False), accuracy_level=0)
+        int4_l0 = nbits.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=False), accuracy_level=0)
         entry["int4-l0"] = _write_folder(int4_l0, manifest, root / "int4-l0", "int4")
-        head_l0 = Q.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True), accuracy_level=0)
+        head_l0 = nbits.quantize_weights(float_proto, ExportOptions(weights="int4", quantize_head=True), accuracy_level=0)
         entry["int4-head-l0"] = _write_folder(head_l0, manifest, root / "int4-head-l0", "int4")
-        asym = Q.quantize_weights(
+        asym = nbits.quantize_weights(
             float_proto, ExportOptions(weights="int4", symmetric=False, block_size=16, quantize_head=False), accuracy_level=0
         )
         entry["int4-asym"] = _write_folder(asym, manifest, root / "int4-asym", "int4")
         if fam == "llama":  # Q/DQ needs opset >= 21 (both flavors have it); one family is enough
-            Q.write_qdq_export(root / "int4", root / "qdq4")
+            quantized.write_qdq_export(root / "int4", root / "qdq4")
             entry["qdq4"] = root / "qdq4"
-            qdq8 = Q.qdq_weights(float_proto, ExportOptions(weights="int8", quantize_head=False))
+            qdq8 = qdq.qdq_weights(float_proto, ExportOptions(weights="int8", quantize_head=False))
             entry["qdq8"] = _write_folder(qdq8, manifest, root / "qdq8", "int8")
         out[fam] = entry
     return out
@@ -156,7 +157,7 @@ def _with_dequantized(model, proto: onnx.ModelProto):
     # Embedding tables are never quantized (Gather), so they are no candidates.
     params = {n: p for n, p in twin.named_parameters() if p.dim() == 2 and id(p) not in embeddings}
     used = set()
-    for node, w in Q.dequantized_weights(proto).items():
+    for node, w in qdq.dequantized_weights(proto).items():
         best = None
         for name, p in params.items():
             arr = p.detach().numpy()
@@ -184,27 +185,27 @@ def test_checker_and_selection(bundle, fam, variant):
     path = bundle[fam][variant] / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
-    info = Q.quantization_info(proto)
+    info = nbits.quantization_info(proto)
     layers = bundle[fam]["model"].config.num_layers
     head = variant == "int4-head"
     assert info["format"] == "matmulnbits"
     assert info["per_layer"] == PER_LAYER[fam]
     assert info["roles"].get("gate") == layers  # W_G is quantized
     assert info["roles"].get("head", 0) == int(head)
-    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == PER_LAYER[fam] * layers + int(head)
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == PER_LAYER[fam] * layers + int(head)
     bits = 8 if variant.startswith("int8") else 4
-    head_node = {w.node for w in Q.find_linear_weights(bundle[fam]["float"], include_head=True)[0] if w.role == "head"}
-    for n in nbits:  # the LM head is quantized to 8 bits (HEAD_BITS) under int4 too
+    head_node = {w.node for w in select.find_linear_weights(bundle[fam]["float"], include_head=True)[0] if w.role == "head"}
+    for n in nodes:  # the LM head is quantized to 8 bits (HEAD_BITS) under int4 too
         want = 8 if n.name.rsplit("_Q", 1)[0] in head_node else bits  # the quantizer appends _Q4/_Q8
         assert helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")) == want, n.name
     assert info.get("head_bits") == (8 if head else None)
     level = 0 if variant in ("int8-l0", "int4-asym") else 4  # default: int8 activations in the kernel
     assert info["accuracy_level"] == level
-    body = [n for n in nbits if n.name.rsplit("_Q", 1)[0] not in head_node]
+    body = [n for n in nodes if n.name.rsplit("_Q", 1)[0] not in head_node]
     body_levels = {helper.get_attribute_value(a) for n in body for a in n.attribute if a.name == "accuracy_level"}
     assert body_levels == ({level} if level else set())
-    assert Q.check_quantized_export(bundle[fam][variant]) == info
+    assert quantized.check_quantized_export(bundle[fam][variant]) == info
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt_neox"])
@@ -317,11 +318,11 @@ def test_qdq_is_standard_and_bit_identical(bundle):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         assert attrs == {"axis": 0, "block_size": 32}
         assert inits[n.input[0]].data_type == TensorProto.INT4 and len(n.input) == 2  # symmetric: no zero point
-    nbits = Q.dequantized_weights(onnx.load(str(b["int4"] / "model.onnx")))
-    qdq = Q.dequantized_weights(q4)
-    assert {k.removesuffix("_Q4") for k in nbits} == {k.removesuffix("_Q4") for k in qdq}
-    for name, w in nbits.items():
-        assert np.array_equal(w, qdq[name])
+    from_nbits = qdq.dequantized_weights(onnx.load(str(b["int4"] / "model.onnx")))
+    from_qdq = qdq.dequantized_weights(q4)
+    assert {k.removesuffix("_Q4") for k in from_nbits} == {k.removesuffix("_Q4") for k in from_qdq}
+    for name, w in from_nbits.items():
+        assert np.array_equal(w, from_qdq[name])
     # Same numbers as the MatMulNBits graph when ORT's fusion computes in float32 ...
     ids = _ids(b["model"], seed=2)
     # (int4-l0: the same codes and scales, accuracy_level 0 in the MatMulNBits nodes too)
@@ -330,7 +331,7 @@ def test_qdq_is_standard_and_bit_identical(bundle):
     a = Generator.from_pretrained(b["int4"]).score(ids)
     c = Generator.from_pretrained(b["qdq4"]).score(ids)
     assert np.abs(a - c).max() <= 0.1
-    assert Q.check_quantized_export(b["qdq4"])["format"] == "qdq"
+    assert quantized.check_quantized_export(b["qdq4"])["format"] == "qdq"
 
 
 def test_qdq_int8_per_channel(bundle):
@@ -351,7 +352,7 @@ def test_qdq_of_int4_with_8_bit_head(bundle, tmp_path):
     """The default int4 export (head at 8 bits) converts to TensorRT's Q/DQ form:
     blocked INT4 for the layers, per-channel INT8 for the head, and the folder checks pass."""
     b = bundle["llama"]
-    Q.write_qdq_export(b["int4-head"], tmp_path / "qdq")
+    quantized.write_qdq_export(b["int4-head"], tmp_path / "qdq")
     proto = onnx.load(str(tmp_path / "qdq" / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     kinds = {}
@@ -363,7 +364,7 @@ def test_qdq_of_int4_with_8_bit_head(bundle, tmp_path):
         (TensorProto.INT4, (("axis", 0), ("block_size", 32))): PER_LAYER["llama"] * layers,
         (TensorProto.INT8, (("axis", 1),)): 1,
     }
-    info = Q.check_quantized_export(tmp_path / "qdq")
+    info = quantized.check_quantized_export(tmp_path / "qdq")
     assert info["format"] == "qdq" and info["bits"] == 4 and info["head_bits"] == 8
     ids = _ids(b["model"], seed=5)
     got = Generator.from_pretrained(tmp_path / "qdq").score(ids)
@@ -403,10 +404,10 @@ def _toy(d: int = 16, hidden: int = 64, vocab: int = 50, tied: bool = True, dtyp
 
 
 def test_selection_rules_on_toy_graph():
-    sel, skipped = Q.find_linear_weights(_toy())
+    sel, skipped = select.find_linear_weights(_toy())
     assert [(w.node, w.role) for w in sel] == [("node_linear", "linear"), ("node_matmul_1", "gate")]
     assert skipped == {"node_matmul": "feature-map projection (proj_matrix)", "node_linear_1": "lm head (quantize_head is off)"}
-    sel, _ = Q.find_linear_weights(_toy(), include_head=True)
+    sel, _ = select.find_linear_weights(_toy(), include_head=True)
     assert [w.role for w in sel] == ["linear", "gate", "head"] and sel[-1].k == 64 and sel[-1].n == 50
 
 
@@ -415,7 +416,7 @@ def test_tied_head_and_dtypes_on_toy_graph(dtype):
     import onnxruntime as ort
 
     toy = _toy(dtype=dtype)
-    q = Q.quantize_weights(toy, ExportOptions(weights="int4", quantize_head=True, block_size=16))
+    q = nbits.quantize_weights(toy, ExportOptions(weights="int4", quantize_head=True, block_size=16))
     assert not any(n.op_type == "Transpose" for n in q.graph.node)  # tied head folded, then quantized
     assert [n.op_type for n in q.graph.node].count("MatMulNBits") == 3
     feed = {
@@ -432,15 +433,15 @@ def test_tied_head_and_dtypes_on_toy_graph(dtype):
 def test_head_default_follows_the_bit_width():
     """int4 quantizes the tied head (speed), int8 keeps it float (accuracy) unless told otherwise."""
     def heads(opts: ExportOptions) -> int:
-        q = Q.quantize_weights(_toy(), opts)
+        q = nbits.quantize_weights(_toy(), opts)
         return sum(1 for n in q.graph.node if n.op_type == "MatMulNBits") - 2  # linear + gate
 
     assert heads(ExportOptions(weights="int4", block_size=16)) == 1
     assert heads(ExportOptions(weights="int8", block_size=16)) == 0
     assert heads(ExportOptions(weights="int8", block_size=16, quantize_head=True)) == 1
     assert heads(ExportOptions(weights="int4", block_size=16, quantize_head=False)) == 0
-    record = {p.key: p.value for p in Q.quantize_weights(_toy(), ExportOptions(weights="int8", block_size=16)).metadata_props}
-    assert json.loads(record[Q.METADATA_KEY])["quantize_head"] is False
+    record = {p.key: p.value for p in nbits.quantize_weights(_toy(), ExportOptions(weights="int8", block_size=16)).metadata_props}
+    assert json.loads(record[nbits.METADATA_KEY])["quantize_head"] is False
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -449,19 +450,19 @@ def test_head_default_follows_the_bit_width():
 def test_option_errors():
     toy = _toy()
     with pytest.raises(ExportError, match="int8 or int4"):
-        Q.quantize_weights(toy, ExportOptions())
-    q = Q.quantize_weights(toy, ExportOptions(weights="int8"))
+        nbits.quantize_weights(toy, ExportOptions())
+    q = nbits.quantize_weights(toy, ExportOptions(weights="int8"))
     with pytest.raises(ExportError, match="already quantized"):
-        Q.quantize_weights(q, ExportOptions(weights="int4"))
+        nbits.quantize_weights(q, ExportOptions(weights="int4"))
     with pytest.raises(ExportError, match="symmetric"):
-        Q.qdq_weights(toy, ExportOptions(weights="int4", symmetric=False))
-    asym = Q.quantize_weights(toy, ExportOptions(weights="int4", symmetric=False))
+        qdq.qdq_weights(toy, ExportOptions(weights="int4", symmetric=False))
+    asym = nbits.quantize_weights(toy, ExportOptions(weights="int4", symmetric=False))
     with pytest.raises(ExportError, match="zero points"):
-        Q.matmulnbits_to_qdq(asym)
+        qdq.matmulnbits_to_qdq(asym)
     old = _toy()
     old.opset_import[0].version = 17
     with pytest.raises(ExportError, match="opset"):
-        Q.qdq_weights(old, ExportOptions(weights="int4"))
+        qdq.qdq_weights(old, ExportOptions(weights="int4"))
     no_weights = helper.make_model(
         helper.make_graph(
             [helper.make_node("MatMul", ["a", "b"], ["c"])],
@@ -471,7 +472,7 @@ def test_option_errors():
         )
     )
     with pytest.raises(ExportError, match="nothing to quantize"):
-        Q.quantize_weights(no_weights, ExportOptions(weights="int4"))
+        nbits.quantize_weights(no_weights, ExportOptions(weights="int4"))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -492,37 +493,37 @@ def test_corrupt_and_mismatched_folders(bundle, tmp_path):
     raw = (bad / "model.onnx").read_bytes()
     (bad / "model.onnx").write_bytes(raw[: len(raw) // 3])
     with pytest.raises(ExportError, match="not a readable ONNX model"):
-        Q.check_quantized_export(bad)
+        quantized.check_quantized_export(bad)
     with pytest.raises(ExportError, match="cannot load the graph"):
         Generator.from_pretrained(bad, load_tokenizer=False)
     # Manifest says int8, graph is int4.
     wrong = _copy(b["int4"], tmp_path / "wrong-bits")
     _set_weights(wrong, "int8")
     with pytest.raises(ExportError, match="manifest says weights int8 but the graph's quantized weights are int4"):
-        Q.check_quantized_export(wrong)
+        quantized.check_quantized_export(wrong)
     # Manifest says int4, graph is float.
     flt = _write_folder(b["float"], Manifest.load(b["int4"]), tmp_path / "float-as-int4", "int4")
     with pytest.raises(ExportError, match="holds no quantized weights"):
-        Q.check_quantized_export(flt)
+        quantized.check_quantized_export(flt)
     # Manifest says fp32, graph is int4.
     unflagged = _copy(b["int4"], tmp_path / "int4-as-fp32")
     _set_weights(unflagged, "fp32")
     with pytest.raises(ExportError, match="manifest says weights fp32 but model.onnx is int4"):
-        Q.check_quantized_export(unflagged)
+        quantized.check_quantized_export(unflagged)
     # A quantized node removed by hand: the record no longer matches the graph.
     edited = _copy(b["int4"], tmp_path / "edited")
     proto = onnx.load(str(edited / "model.onnx"))
     victim = next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
-    w = Q.dequantized_weights(proto)[victim.name]
+    w = qdq.dequantized_weights(proto)[victim.name]
     proto.graph.initializer.append(numpy_helper.from_array(w, "restored"))
     idx = list(proto.graph.node).index(victim)
     proto.graph.node.remove(victim)
     proto.graph.node.insert(idx, helper.make_node("MatMul", [victim.input[0], "restored"], list(victim.output)))
     onnx.save_model(proto, str(edited / "model.onnx"))
     with pytest.raises(ExportError, match="quantized MatMuls, its quantization record says"):
-        Q.check_quantized_export(edited)
+        quantized.check_quantized_export(edited)
     # write_qdq_export refuses a float folder and an already converted one.
     with pytest.raises(ExportError, match="not a quantized export|holds no quantized"):
-        Q.write_qdq_export(flt, tmp_path / "x")
+        quantized.write_qdq_export(flt, tmp_path / "x")
     with pytest.raises(ExportError, match="already in qdq format"):
-        Q.write_qdq_export(b["qdq4"], tmp_path / "y")
+        quantized.write_qdq_export(b["qdq4"], tmp_path / "y")

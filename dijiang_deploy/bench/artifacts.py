@@ -36,8 +36,8 @@ def _dijiang_format(name: str) -> str:
 
 
 def quantize_available() -> bool:
-    """Whether this checkout can export int8/int4 weights (``export/quantize.py``)."""
-    return importlib.util.find_spec("dijiang_deploy.export.quantize") is not None
+    """Whether this checkout can export int8/int4 weights (``quantization/nbits.py``)."""
+    return importlib.util.find_spec("dijiang_deploy.quantization.nbits") is not None
 
 
 def _reusable_export(folder: Path, sha: str, weights: str, max_chunk: int) -> bool:
@@ -113,7 +113,7 @@ def prepare(
         if name.startswith("dijiang-ort-"):
             fmt = _dijiang_format(name)
             if fmt in ("int8", "int4") and not quantize_available():
-                prep.skipped[name] = "skipped: dijiang_deploy/export/quantize.py is not in this checkout (int8/int4 export not available)"
+                prep.skipped[name] = "skipped: dijiang_deploy/quantization/nbits.py is not in this checkout (int8/int4 export not available)"
                 continue
             folder = work_dir / name
             if not _reusable_export(folder, sha, fmt, chunk):

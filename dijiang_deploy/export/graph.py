@@ -162,7 +162,7 @@ def resolve_attention_op(model: DiJiangForCausalLM, options: ExportOptions) -> E
         geometric = all(a.geometric for a in model.attention_layers())
         options = dataclasses.replace(options, attention_op=auto_attention_op(options.dtype, geometric))
     if options.symmetric is None:
-        from ..finetune.quant_aware import recorded_grid
+        from ..quantization.grid import recorded_grid
 
         grid = recorded_grid(model.config.raw)
         if grid is not None and options.weight_format in ("int8", "int4") and grid.block_size == options.block_size:
@@ -177,13 +177,13 @@ def lossless_on_grid(model: DiJiangForCausalLM, options: ExportOptions) -> bool:
     """Whether ``options``' int8/int4 rounding reproduces ``model``'s linear weights
     exactly because a quantization-aware fine-tune left them on a grid it nests:
     same block size, and the same bits and symmetry, or an asymmetric int4 grid
-    exported as asymmetric int8 (see :mod:`~dijiang_deploy.finetune.quant_aware`).
+    exported as asymmetric int8 (see :mod:`~dijiang_deploy.quantization.grid`).
 
     The record in ``config.json`` is only a claim: the weights are checked
     against the grid (a few seconds for SmolLM2), and a checkpoint edited
     after the fine-tune falls back to the calibrated export with a warning.
     """
-    from ..finetune.quant_aware import ON_GRID_TOLERANCE, WeightGrid, recorded_grid
+    from ..quantization.grid import ON_GRID_TOLERANCE, WeightGrid, recorded_grid
 
     grid = recorded_grid(model.config.raw)
     if grid is None or options.weight_format not in ("int8", "int4") or grid.block_size != options.block_size:
@@ -395,7 +395,7 @@ def _quantizer_inputs(model: DiJiangForCausalLM, options: ExportOptions):
 
 
 def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None) -> tuple[onnx.ModelProto, dict]:
-    from .quantize import DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
+    from ..quantization.nbits import DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
 
     # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
     # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel for it.
@@ -441,12 +441,12 @@ def _calibrated(
     model: DiJiangForCausalLM, options: ExportOptions, tokenizer_dir: str | Path | None
 ) -> tuple[DiJiangForCausalLM, dict]:
     """The activation-aware rescaled copy of ``model`` for ``options``' quantizer, and its record."""
-    from .calibrate import (
+    from ..quantization.calibrate import (
         CalibrationConfig,
         calibrate_for_quantization,
         calibration_ids,
     )
-    from .quantize import BITS
+    from ..quantization.nbits import BITS
 
     seq_len = min(256, options.calibration_tokens)
     config = CalibrationConfig(tokens=options.calibration_tokens, seq_len=seq_len, data=options.calibration_data)

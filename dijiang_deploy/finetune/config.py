@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..contract.errors import DiJiangError
-from .quant_aware import QuantAwareConfig
+from ..quantization.grid import QuantAwareConfig
 
 
 def _busy_cpus(window_s: float = 0.25) -> float | None:
@@ -207,7 +207,7 @@ class FinetuneConfig:
         quant_aware: None, or the weight grid (bits, block size, symmetry)
             stage 2 trains through; the saved weights are rounded to it so
             that ``export --weights int4`` with the same grid is lossless
-            (see :mod:`~dijiang_deploy.finetune.quant_aware`).
+            (see :mod:`~dijiang_deploy.quantization.grid`).
         device: ``auto`` (the first CUDA GPU when torch sees one, else the
             CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the student and the
             teacher train and run. Saving, snapping and the held-out check

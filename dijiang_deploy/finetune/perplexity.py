@@ -18,7 +18,8 @@ import torch
 from ..checkpoint import load_model
 from ..contract.errors import CheckpointError, DiJiangError
 from ..modeling.model import DiJiangForCausalLM
-from .data import DataError, heldout_text, load_tokenizer, read_text_source
+from ..data import heldout_text
+from ..data.text import DataError, load_tokenizer, read_text_source
 from .teacher import SoftmaxTeacher, load_teacher
 
 

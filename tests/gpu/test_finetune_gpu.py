@@ -51,7 +51,7 @@ def test_finetune_on_cuda_matches_the_cpu_run(torch_cuda, student, tmp_path, tea
 def test_quant_aware_on_cuda_saves_weights_on_the_grid(torch_cuda, student, tmp_path):
     from dijiang_deploy.checkpoint import load_model
     from dijiang_deploy.finetune import finetune
-    from dijiang_deploy.finetune.quant_aware import ON_GRID_TOLERANCE, QuantAwareConfig, WeightGrid
+    from dijiang_deploy.quantization.grid import ON_GRID_TOLERANCE, QuantAwareConfig, WeightGrid
 
     cfg = small_config()
     cfg.device = "cuda"

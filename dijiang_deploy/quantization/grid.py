@@ -15,7 +15,7 @@ weights the float checkpoint holds, so the quality cost of 4 bits is paid,
 and measured, in training rather than discovered after export.
 
 The saved weights are rounded by ONNX Runtime's own C++ routine
-(:func:`~dijiang_deploy.export.calibrate.ort_rtn`), so the checkpoint and the
+(:func:`~dijiang_deploy.quantization.rtn.ort_rtn`), so the checkpoint and the
 export cannot disagree on a rounding rule. Training steps round with
 :func:`torch_rtn`, the same formula in torch (0.2-1.1 s instead of 1.7-2.1 s
 per step for SmolLM2's 116M grid weights on 2 cores; it differs from ONNX
@@ -41,6 +41,8 @@ from torch import nn
 
 from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
+from .calibrate import calibrate_for_quantization
+from .rtn import ort_rtn
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class QuantAwareConfig:
             needs them) or asymmetric (the ONNX Runtime ``inline`` default,
             more accurate, and nests inside asymmetric int8).
         calibrate: when the grid phase starts, apply the export's activation-aware
-            channel scaling (:func:`~dijiang_deploy.export.calibrate.calibrate_for_quantization`,
+            channel scaling (:func:`~dijiang_deploy.quantization.calibrate.calibrate_for_quantization`,
             exact in float) so training starts from the weights that round
             best; the export then has nothing left to calibrate.
         calibration_tokens: training tokens used for that scaling.
@@ -155,8 +157,6 @@ def torch_rtn(weight: torch.Tensor, axis: int, cfg: QuantAwareConfig) -> torch.T
 def round_to_grid(weight: torch.Tensor, axis: int, cfg: QuantAwareConfig) -> torch.Tensor:
     """``weight`` rounded to the export's block grid along ``axis`` (float32, same shape),
     bit for bit what ``MatMulNBits`` will hold."""
-    from ..export.calibrate import ort_rtn
-
     w = weight.detach().float()
     kn = (w.T if axis == 1 else w).contiguous().numpy()
     q = torch.from_numpy(np.ascontiguousarray(ort_rtn(kn, cfg.bits, cfg.block_size, cfg.symmetric)))
@@ -235,8 +235,6 @@ class _Rounded:
 def calibrate_in_place(model: DiJiangForCausalLM, ids: torch.Tensor, cfg: QuantAwareConfig, progress: bool) -> dict[str, Any]:
     """Rescale ``model``'s input channels for ``cfg``'s grid (function-preserving in
     float) using ``ids`` ``[S, L]``; returns the calibration record."""
-    from ..export.calibrate import calibrate_for_quantization
-
     rows = max(1, min(ids.shape[0], -(-cfg.calibration_tokens // ids.shape[1])))
     # The export calibrates on the CPU; so does this, on a copy when the
     # model trains elsewhere, so both see the same float32 activations.

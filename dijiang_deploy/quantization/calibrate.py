@@ -44,6 +44,7 @@ from torch import nn
 
 from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
+from .rtn import ort_rtn
 
 log = logging.getLogger(__name__)
 
@@ -89,37 +90,6 @@ class CalibrationReport:
             "relative_error_before": round(self.error_before, 5),
             "relative_error_after": round(self.error_after, 5),
         }
-
-
-def ort_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
-    """``W [K, N]`` float32 after ONNX Runtime's round-to-nearest block quantizer, dequantized.
-
-    Uses the same C++ routine as ``MatMulNBitsQuantizer`` (blocks of
-    ``block_size`` along K per output column), so the result is bit-for-bit
-    what an exported ``MatMulNBits`` node multiplies by.
-    """
-    from onnxruntime.capi._pybind_state import (
-        quantize_matmul_4bits,
-        quantize_matmul_8bits,
-    )
-
-    from .quantize import _unpack_nbits, dequantize_nbits
-
-    if bits not in (4, 8):
-        raise DiJiangError(f"bits must be 4 or 8, got {bits}")
-    w = np.ascontiguousarray(weight_kn, dtype=np.float32)
-    k, n = w.shape
-    kb = -(-k // block_size)
-    if kb * block_size != k:
-        w = np.ascontiguousarray(np.pad(w, ((0, kb * block_size - k), (0, 0))))
-    per_byte = 8 // bits
-    packed = np.zeros((n, kb, block_size // per_byte), np.uint8)
-    scales = np.zeros((n, kb), np.float32)
-    zero_points = np.zeros((n, -(-kb // per_byte)), np.uint8)
-    fn = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
-    fn(packed, w, scales, zero_points, block_size, n, kb * block_size, symmetric)
-    codes = _unpack_nbits(packed, bits, block_size).reshape(n, kb * block_size)[:, :k]
-    return dequantize_nbits(codes, scales, None if symmetric else zero_points, bits, block_size)
 
 
 @dataclass
@@ -288,7 +258,7 @@ def calibration_ids(
     the data and its SHA-256.
     """
     from ..data import calibration_text, text_sha256
-    from ..finetune.data import ByteTokenizer, load_tokenizer, read_text_source
+    from ..data.text import ByteTokenizer, load_tokenizer, read_text_source
 
     config = config or CalibrationConfig()
     if config.tokens < config.seq_len or config.seq_len < 2:
@@ -312,4 +282,4 @@ def calibration_ids(
     return torch.tensor(ids[: rows * config.seq_len], dtype=torch.long).view(rows, config.seq_len), record
 
 
-__all__ = ["CalibrationConfig", "CalibrationReport", "calibrate_for_quantization", "calibration_ids", "ort_rtn"]
+__all__ = ["CalibrationConfig", "CalibrationReport", "calibrate_for_quantization", "calibration_ids"]

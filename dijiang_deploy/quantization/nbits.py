@@ -1,0 +1,289 @@
+"""Weight-only int8/int4 quantization of a step graph to ONNX Runtime's ``MatMulNBits``.
+
+Integer weights, one scale per block of ``block_size`` consecutive input
+channels; activations and the recurrent state stay in floating point. Each
+selected ``MatMul`` (:mod:`.select` says which) becomes a
+``com.microsoft::MatMulNBits`` node produced by ONNX Runtime's own quantizer
+(``onnxruntime.quantization.matmul_nbits_quantizer``, round to nearest, 4 or
+8 bits), which ONNX Runtime runs natively on CPU and CUDA. The TensorRT form
+of the same weights is in :mod:`.qdq`.
+
+The settings are recorded in the model's ``metadata_props`` under
+:data:`METADATA_KEY` (a JSON object), so a folder can be checked against its
+manifest without extra manifest fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Collection, Protocol
+
+import onnx
+
+from ..contract.errors import ExportError
+from ..contract.names import QUANT_METADATA_KEY as METADATA_KEY
+from .select import LinearWeight, find_linear_weights, initializers, num_layers
+
+log = logging.getLogger(__name__)
+
+#: Contrib domain of ``MatMulNBits``.
+MS_DOMAIN = "com.microsoft"
+BITS = {"int8": 8, "int4": 4}
+#: ``MatMulNBits.accuracy_level`` written by default, per bit width. 0 (unset)
+#: = compute in the activation type (float32 here); 4 = int8 activations
+#: inside the kernel. ONNX Runtime 1.32's CPU kernel for 8-bit weights is only
+#: fast at level 4 (float32 compute: 6 vs 76 tokens/s on SmolLM2 decode); for
+#: int4, level 4 decodes 1.2x faster (82 vs 69 tokens/s) and its top-1
+#: agreement with float32 differed by 0.3 points (57.9% vs 58.2%, perplexity
+#: +13.1% both) on a fine-tuned SmolLM2 (docs/quantization.md).
+DEFAULT_ACCURACY_LEVEL = {4: 4, 8: 4}
+#: Bits of the LM head when ``quantize_head`` is on. The head is the largest
+#: single matrix and the most sensitive one: at 4 bits it cost another 10
+#: points of top-1 agreement on SmolLM2; llama.cpp keeps it at 6-8 bits in
+#: its 4-bit files for the same reason.
+HEAD_BITS = 8
+
+
+class QuantOptions(Protocol):
+    """The settings quantization reads (``ExportOptions`` satisfies it).
+
+    ``weight_format``: ``int8`` or ``int4``; ``block_size``: a power of two
+    >= 16; ``symmetric``: None means symmetric; ``head_quantized``: quantize
+    the LM head too.
+    """
+
+    @property
+    def weight_format(self) -> str: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def symmetric(self) -> bool | None: ...
+    @property
+    def head_quantized(self) -> bool: ...
+
+
+def set_metadata(model: onnx.ModelProto, record: dict[str, Any]) -> None:
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(record, sort_keys=True)))
+
+
+def quantization_info(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """The quantization record written by this module, or None for a float graph."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                return json.loads(prop.value)
+            except json.JSONDecodeError:
+                raise ExportError(f"the graph's {METADATA_KEY} metadata is not valid JSON")
+    return None
+
+
+def check_options(options: QuantOptions) -> int:
+    fmt = options.weight_format
+    if fmt not in BITS:
+        raise ExportError(f"weight-only quantization needs --weights int8 or int4, got {fmt!r}")
+    bs = options.block_size
+    if bs < 16 or bs & (bs - 1):
+        raise ExportError(f"--block-size must be a power of two >= 16, got {bs}")
+    return BITS[fmt]
+
+
+def record(
+    fmt: str,
+    bits: int,
+    options: QuantOptions,
+    selected: list[LinearWeight],
+    skipped: dict[str, str],
+    layers: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    import onnxruntime
+
+    reasons: dict[str, int] = {}
+    for why in skipped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    roles: dict[str, int] = {}
+    for w in selected:
+        roles[w.role] = roles.get(w.role, 0) + 1
+    return {
+        "format": fmt,
+        "weights": f"int{bits}",
+        "bits": bits,
+        "block_size": options.block_size,
+        "symmetric": options.symmetric is not False,
+        "quantize_head": options.head_quantized,
+        "quantized_matmuls": len(selected),
+        "per_layer": round(sum(1 for w in selected if w.role != "head") / layers, 2),
+        "roles": roles,
+        "skipped": reasons,
+        "quantized_nodes": sorted(w.node for w in selected),
+        "tool": f"onnxruntime {onnxruntime.__version__} matmul_nbits_quantizer (RTN)",
+        **extra,
+    }
+
+
+def _ort_quantizer() -> type:
+    """Import ONNX Runtime's ``MatMulNBitsQuantizer`` without its side effect.
+
+    The module calls ``logging.basicConfig(level=INFO)`` at import time, which
+    would turn on INFO logs of every library in the process; undo that.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
+
+
+def quantize_weights(
+    proto: onnx.ModelProto,
+    options: QuantOptions,
+    *,
+    accuracy_level: int | None = None,
+    keep_float: Collection[str] = (),
+    calibration: dict | None = None,
+    head_accuracy_level: int | None = None,
+    in_place: bool = False,
+) -> onnx.ModelProto:
+    """Quantize the linear layers of an exported step graph to ``MatMulNBits``.
+
+    Args:
+        proto: the flavored float graph (``export_model`` calls this after
+            :func:`~.flavors.apply_flavor`).
+        options: ``weights`` (``int8``/``int4``), ``block_size``,
+            ``symmetric`` and ``quantize_head`` are used.
+        accuracy_level: ``MatMulNBits`` compute precision hint (default:
+            :data:`DEFAULT_ACCURACY_LEVEL` for the bit width).
+        keep_float: node names (as :func:`find_linear_weights` reports them)
+            to leave in floating point (mixed precision, sensitivity studies);
+            a name that is not one of them is an error.
+        head_accuracy_level: the LM head's level when it is quantized at a
+            different bit width than the body (None: ``accuracy_level``, or
+            the default for the head's bits).
+        calibration: the record of the activation-aware scaling applied to
+            the weights before export (:mod:`.calibrate`), kept in the
+            quantization record; None: the weights are quantized as they are.
+        in_place: work on ``proto`` itself instead of a copy (the exporter:
+            for a large model a copy would hold its weights twice).
+
+    Returns:
+        The quantized model (a new proto unless ``in_place``).
+
+    Raises:
+        ExportError: bad options, nothing to quantize, or a graph already quantized.
+    """
+    MatMulNBitsQuantizer = _ort_quantizer()
+    bits = check_options(options)
+    if quantization_info(proto) is not None or any(n.domain == MS_DOMAIN for n in proto.graph.node):
+        raise ExportError("the graph is already quantized")
+    if in_place:
+        model = proto
+        before = onnx.ModelProto()
+        before.graph.node.extend(proto.graph.node)
+        before.graph.input.extend(proto.graph.input)
+        before.graph.output.extend(proto.graph.output)
+        before.graph.initializer.extend(t for t in proto.graph.initializer if t.name.endswith(("proj_matrix", ".D1", ".D2")))
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        before = proto
+    selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True)
+    unknown = sorted(set(keep_float) - {w.node for w in selected})
+    if unknown:
+        raise ExportError(
+            f"keep_float names {len(unknown)} node(s) that are not quantizable linear MatMuls: {', '.join(unknown[:5])}"
+        )
+    for w in [w for w in selected if w.node in keep_float]:
+        selected.remove(w)
+        skipped[w.node] = "kept in floating point (keep_float)"
+    if not selected:
+        raise ExportError("no linear-layer MatMul with a constant weight found: nothing to quantize")
+    level = DEFAULT_ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
+    head_bits = max(bits, HEAD_BITS)
+    body = {w.node for w in selected if w.role != "head" or head_bits == bits}
+    head = {w.node for w in selected} - body
+    out = _run_ort_quantizer(MatMulNBitsQuantizer, model, body, bits, options, level) if body else model
+    if head:
+        head_level = head_accuracy_level if head_accuracy_level is not None else (
+            DEFAULT_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level
+        )
+        out = _run_ort_quantizer(MatMulNBitsQuantizer, out, head, head_bits, options, head_level)
+    made = [n for n in out.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
+    if len(made) != len(selected):
+        raise ExportError(f"quantizer produced {len(made)} MatMulNBits nodes for {len(selected)} selected MatMuls")
+    assert_state_untouched(before, out)
+    layers = num_layers(out.graph)
+    extra: dict[str, Any] = {}
+    if head:
+        extra |= {"head_bits": head_bits, "head_accuracy_level": head_level}
+    elif any(w.role == "head" for w in selected):
+        extra["head_bits"] = head_bits
+    if calibration is not None:
+        extra["calibration"] = calibration
+    set_metadata(out, record("matmulnbits", bits, options, selected, skipped, layers, accuracy_level=level, **extra))
+    log.info("quantized %d MatMuls to %d-bit MatMulNBits (block %d)", len(selected), bits, options.block_size)
+    return out
+
+
+def _run_ort_quantizer(
+    quantizer: type, model: onnx.ModelProto, chosen: set[str], bits: int, options: QuantOptions, level: int
+) -> onnx.ModelProto:
+    """ONNX Runtime's RTN quantizer on exactly the ``chosen`` MatMul nodes."""
+    # The ORT quantizer also picks every op of `op_types_to_quantize`; exclude
+    # all other nodes so only our selection is touched.
+    exclude = [n.name for n in model.graph.node if n.name not in chosen]
+    quant = quantizer(
+        model,
+        bits=bits,
+        block_size=options.block_size,
+        is_symmetric=options.symmetric is not False,  # None (unresolved): symmetric
+        accuracy_level=level or None,
+        nodes_to_exclude=exclude,
+        nodes_to_include=sorted(chosen),
+        op_types_to_quantize=("MatMul",),
+    )
+    noisy = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level_before = noisy.level
+    noisy.setLevel(logging.WARNING)  # it logs every node at INFO
+    try:
+        quant.process()
+    finally:
+        noisy.setLevel(level_before)
+    return quant.model.model
+
+
+def assert_state_untouched(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """The recurrence nodes, proj_matrix and graph I/O must come through unchanged."""
+
+    def attention(m: onnx.ModelProto) -> list[tuple[str, ...]]:
+        return [tuple(n.input) + tuple(n.output) for n in m.graph.node if n.op_type.endswith("LinearAttention")]
+
+    if attention(before) != attention(after):
+        raise ExportError("quantization changed the LinearAttention nodes (state path): refusing")
+    if [i.SerializeToString() for i in before.graph.input] != [i.SerializeToString() for i in after.graph.input]:
+        raise ExportError("quantization changed the graph inputs: refusing")
+    if [o.SerializeToString() for o in before.graph.output] != [o.SerializeToString() for o in after.graph.output]:
+        raise ExportError("quantization changed the graph outputs: refusing")
+    b_inits, a_inits = initializers(before.graph), initializers(after.graph)
+    for name, t in b_inits.items():
+        if name.endswith(("proj_matrix", ".D1", ".D2")) and (name not in a_inits or a_inits[name] != t):
+            raise ExportError(f"quantization changed {name}, which must stay in floating point")
+
+
+__all__ = [
+    "BITS",
+    "DEFAULT_ACCURACY_LEVEL",
+    "HEAD_BITS",
+    "METADATA_KEY",
+    "MS_DOMAIN",
+    "QuantOptions",
+    "quantization_info",
+    "quantize_weights",
+]
