@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .contract.errors import DiJiangError
-
-__version__ = "0.2.0"
 
 #: Public names of the modeling layer and where they live (imported lazily: torch).
 _LAZY = {

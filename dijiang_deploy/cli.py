@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .cli_types import float_in, int_at_least, positive_float, positive_int
 from .contract.errors import DiJiangError
@@ -151,29 +151,10 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def handler(_args: argparse.Namespace) -> int:
-        raise DiJiangError(f"'{name}' is not available yet in this version ({issue})")
-
-    return handler
-
-
-def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(f"dijiang_deploy.{module}"), func)(args)
-
-    return handler
-
-
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from ._version import __version__
 
-    try:
-        return version("dijiang-deploy")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown (not installed)"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,32 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="score this text file instead of random tokens (perplexity for int8/int4)")
     p.set_defaults(func=_verify)
 
-    for module, commands, issue in _PLUGGABLE:
-        _register(sub, module, commands, issue)
+    # Each feature's subcommands live with it (build, bench, finetune + eval, serve).
+    from .bench.cli import add_parsers as bench_parsers
+    from .build.cli import add_parsers as build_parsers
+    from .finetune.cli import add_parsers as finetune_parsers
+    from .serving.cli import add_parsers as serve_parsers
+
+    for add in (build_parsers, bench_parsers, finetune_parsers, serve_parsers):
+        add(sub)
     return parser
-
-
-#: Subcommands that live with their feature: each module exposes
-#: ``add_parsers(subparsers)``. Until it exists the command says so.
-_PLUGGABLE = (
-    ("dijiang_deploy.build.cli", {"build": "build a TensorRT engine from an exported ONNX folder"}, "issue #4"),
-    ("dijiang_deploy.bench.cli", {"bench": "benchmark decode/prefill speed and memory against baselines"}, "issue #5"),
-    ("dijiang_deploy.finetune.cli", {"finetune": "distil the softmax teacher into a DiJiang model", "eval": "perplexity of a model over a text"}, "issue #6"),
-    ("dijiang_deploy.serving.cli", {"serve": "serve an export over the OpenAI API"}, "issue #22"),
-)
-
-
-def _register(sub, module: str, commands: dict[str, str], issue: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(module).add_parsers(sub)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module.startswith(exc.name):
-            raise
-        for name, help_text in commands.items():
-            p = sub.add_parser(name, help=f"{help_text} (not available yet)")
-            p.set_defaults(func=_not_yet(name, f"lands with {issue}"))
 
 
 #: Optional parts of the install each subcommand needs (``run`` needs only the core).

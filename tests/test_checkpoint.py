@@ -163,14 +163,6 @@ def test_console_script_exit_code(tmp_path):
     assert "no such file or directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_unavailable_subcommand_says_so(capsys, monkeypatch):
-    import dijiang_deploy.cli as cli
-
-    monkeypatch.setattr(cli, "_PLUGGABLE", cli._PLUGGABLE + (("dijiang_deploy.not_there.cli", {"later": "x"}, "issue #99"),))
-    assert main(["later"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("command", ["export", "finetune", "eval", "verify"])
 def test_commands_that_need_a_checkpoint_say_what_they_got(tmp_path, capsys, command):
     export_like = tmp_path / "an-export"

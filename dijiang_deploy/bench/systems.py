@@ -275,7 +275,7 @@ class TorchRecurrent(BenchSystem):
     def load(self) -> None:
         import torch
 
-        from .. import load_model
+        from ..checkpoint import load_model
 
         torch.set_num_threads(self.threads)
         self.model = load_model(self.checkpoint).eval()

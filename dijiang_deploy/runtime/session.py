@@ -431,6 +431,6 @@ class _GenerationRun:
 
 
 def _created_by() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return f"dijiang-deploy {__version__} (python)"
