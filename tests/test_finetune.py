@@ -18,7 +18,7 @@ from dijiang_deploy.convert import convert, convert_base
 from dijiang_deploy.contract.errors import CheckpointError, DiJiangError
 from dijiang_deploy.finetune import DataError, SoftmaxTeacher, evaluate, finetune
 from dijiang_deploy.finetune.cli import add_parsers
-from dijiang_deploy.finetune.data import ByteTokenizer
+from dijiang_deploy.data.text import ByteTokenizer
 from dijiang_deploy.finetune.lora import LoRALinear, add_adapters, merge_adapters
 from dijiang_deploy.testing import random_base, random_model
 from _tiny_student import sentences, small_config, tiny_student
@@ -373,14 +373,14 @@ def test_training_data_grows_with_the_budget():
 
 
 def test_stage1_trains_value_projection_only_when_asked():
-    from dijiang_deploy.finetune.api import _param_groups
+    from dijiang_deploy.finetune.stages import param_groups
     from dijiang_deploy.finetune.config import FinetuneConfig
 
     model = random_model("llama", seed=1)
     for train_v in (False, True):
         cfg = FinetuneConfig()
         cfg.stage1.train_v = train_v
-        groups = _param_groups(model, None, 1, cfg)
+        groups = param_groups(model, None, 1, cfg)
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         assert {n for n in trained if n.endswith("q_proj.weight")}, trained
         assert not {n for n in trained if "mlp" in n or "o_proj" in n}

@@ -14,10 +14,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "FinetuneResult": "api", "finetune": "api",
-    "DataConfig": "config", "FinetuneConfig": "config", "Stage1Config": "config", "Stage2Config": "config",
-    "DataError": "data", "EvalResult": "perplexity", "evaluate": "perplexity",
-    "SoftmaxTeacher": "teacher", "load_teacher": "teacher",
+    "FinetuneResult": ".api", "finetune": ".api",
+    "DataConfig": ".config", "FinetuneConfig": ".config", "Stage1Config": ".config", "Stage2Config": ".config",
+    "DataError": "..data.text", "EvalResult": ".perplexity", "evaluate": ".perplexity",
+    "SoftmaxTeacher": ".teacher", "load_teacher": ".teacher",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,5 +25,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

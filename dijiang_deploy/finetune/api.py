@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -15,26 +13,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
-from ..contract.atomic import atomic_file
 from ..checkpoint import checkpoint_folder, load_model, save_checkpoint
 from ..contract.errors import DiJiangError
 from ..modeling.model import DiJiangForCausalLM
 from .config import FinetuneConfig
-from .data import PROMPTS, DataError, builtin_corpus, load_tokenizer, pack, read_text_source
-from .e2e import distill_loss
-from .perplexity import evaluate
+from ..data.text import DataError, load_tokenizer, read_text_source
+from .data import PROMPTS, builtin_corpus, pack
 from .lora import add_adapters, merge_adapters
-from .quant_aware import RECORD_KEY as QUANT_RECORD_KEY, QuantAwareConfig, WeightGrid, calibrate_in_place
+from .perplexity import evaluate
+from ..quantization.grid import RECORD_KEY as QUANT_RECORD_KEY, QuantAwareConfig, WeightGrid
+from .stages import SAVE_RESERVE_S, Saver, TrainingRun, autocast_enabled, run_stage
 from .teacher import SoftmaxTeacher, load_teacher, recorded_source
-from .transfer import DecayRates, OnlineTeacher, TeacherBatches, build_cache, refit_output, transfer_loss
+from .transfer import DecayRates, OnlineTeacher, TeacherBatches, build_cache
 
 log = logging.getLogger(__name__)
 
-#: Seconds kept back from the budget for merging, saving and the held-out check.
-SAVE_RESERVE_S = 25.0
-STATE_VERSION = 1
 
 
 @dataclass
@@ -145,168 +139,7 @@ def build_tokens(
     return ids, what
 
 
-# -- trainable parameters -----------------------------------------------------
-
-_NEW = ("proj_matrix", "W_G", "group_norm.weight", "group_norm.bias")
-
-
-def _param_groups(
-    model: DiJiangForCausalLM, decay: DecayRates | None, stage: int, cfg: FinetuneConfig
-) -> list[dict[str, Any]]:
-    """Mark trainable parameters and return optimizer groups (names kept for resuming)."""
-    model.requires_grad_(False)
-    s1, s2 = cfg.stage1, cfg.stage2
-    new, base, lora = [], [], []
-    for name, p in model.named_parameters():
-        leaf = name.split(".self_attn.")[-1].split(".attention.")[-1]
-        if ".self_attn." not in name and ".attention." not in name:
-            # Stage 2 "all": MLPs and norms of every layer too (not embeddings/head).
-            if stage == 2 and s2.train == "all" and ".layers." in name and "lora_" not in name:
-                base.append(p)
-            continue
-        if leaf in _NEW:
-            new.append(p)
-        elif "lora_" in leaf:
-            lora.append(p)
-        elif leaf.endswith(("weight", "bias")) and not leaf.startswith("group_norm"):
-            proj = leaf.split(".")[0]
-            if cfg.lora_rank > 0:
-                continue
-            if stage == 1 and s1.train_qk and proj in ("q_proj", "k_proj", "query_key_value"):
-                base.append(p)
-            elif stage == 1 and s1.train_v and proj == "v_proj":
-                base.append(p)
-            elif stage == 2 and s2.train in ("attention", "all"):
-                base.append(p)
-    if stage == 2 and s2.train == "dijiang":
-        lora = []
-    for p in new + base + lora:
-        p.requires_grad_(True)
-    lr_new = s1.lr if stage == 1 else s2.lr
-    lr_base = s1.lr_base if stage == 1 else s2.lr
-    groups = [
-        {"params": new, "lr": lr_new, "weight_decay": 0.0},
-        {"params": base, "lr": lr_base, "weight_decay": 0.0},
-        {"params": lora, "lr": lr_new, "weight_decay": 0.0},
-    ]
-    if decay is not None:
-        decay.a.requires_grad_(True)
-        groups.append({"params": [decay.a], "lr": s1.lr_decay if stage == 1 else s2.lr * 10, "weight_decay": 0.0})
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    return [g for g in groups if g["params"]]
-
-
-def _schedule(progress: float) -> float:
-    """Linear warm-up over the first 5%, then cosine down to 10%."""
-    if progress < 0.05:
-        return 0.1 + 0.9 * progress / 0.05
-    p = min(1.0, (progress - 0.05) / 0.95)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-
-
-def _trainable_state(model: nn.Module, decay: DecayRates | None, names: set[str]) -> dict[str, torch.Tensor]:
-    """Every parameter trained so far in any stage (``names`` accumulates them)."""
-    names.update(n for n, p in model.named_parameters() if p.requires_grad)
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    if decay is not None:
-        state["__decay__"] = decay.a.detach().clone()
-    return state
-
-
-def _load_trainable(model: nn.Module, decay: DecayRates | None, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            if name == "__decay__":
-                if decay is not None:
-                    decay.a.copy_(value)
-            elif name in params:
-                params[name].copy_(value)
-
-
-class _Saver:
-    """Writes resumable state atomically to the work folder."""
-
-    def __init__(self, work: Path, fingerprint: str, every_s: float):
-        self.work, self.fingerprint, self.every_s = work, fingerprint, every_s
-        self.last = time.monotonic()
-
-    def load(self) -> dict[str, Any] | None:
-        path = self.work / "state.pt"
-        if not path.exists():
-            return None
-        try:
-            # weights_only: tensors and plain containers, never arbitrary pickled objects.
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises pickle, zip and runtime errors alike
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise DiJiangError(
-                f"{path}: the resume state is damaged or not ours ({reason}); delete {self.work} to start over, "
-                "or run with --no-resume"
-            ) from exc
-        if not isinstance(state, dict):
-            raise DiJiangError(f"{path}: the resume state is not a dictionary; delete {self.work} to start over")
-        if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint:
-            log.warning("resume state in %s was made with other settings: starting over", self.work)
-            return None
-        return state
-
-    def save(self, state: dict[str, Any], force: bool = False) -> None:
-        if not force and time.monotonic() - self.last < self.every_s:
-            return
-        state = dict(state, version=STATE_VERSION, fingerprint=self.fingerprint)
-        self.work.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.work / "state.pt", "wb") as fh:
-            torch.save(state, fh)
-        self.last = time.monotonic()
-
-
 # -- the run ------------------------------------------------------------------
-
-
-def autocast_enabled(mode: str, device: torch.device | str = "cpu") -> bool:
-    """Whether ``FinetuneConfig.autocast`` turns bf16 autocast on for ``device``.
-
-    ``auto``: on the CPU when it has native bf16 (AVX512-BF16 or AMX), on a
-    CUDA GPU when torch reports bf16 support (Ampere and later).
-    """
-    if mode == "off":
-        return False
-    if mode == "bf16":
-        return True
-    if mode != "auto":
-        raise DiJiangError(f"autocast must be auto, bf16 or off, got {mode!r}")
-    if torch.device(device).type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch: stay in float32
-        return False
-
-
-def _refit(
-    student: DiJiangForCausalLM,
-    cache: TeacherBatches,
-    decay: DecayRates | None,
-    cfg: FinetuneConfig,
-    seed: int,
-    trained: set[str],
-    log_to: list[float],
-    progress: bool,
-) -> None:
-    """Least-squares refit of the output projections (see ``Stage1Config.refit_output``)."""
-    gen = torch.Generator().manual_seed(seed * 31 + 7)
-    rows = torch.randperm(cache.ids.shape[0], generator=gen)[: cfg.stage1.refit_rows]
-    with torch.autocast(cache.device.type, dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast, cache.device)):
-        losses = refit_output(student, cache, rows, cfg.stage1.ridge, decay)
-    log_to.append(sum(losses) / len(losses))
-    if progress:
-        print(f"refit output projections: mean relative attention MSE {log_to[-1]:.4f} on {len(rows)} sequences")
-    for name, _ in student.named_parameters():
-        if name.endswith(("o_proj.weight", "o_proj.bias", "dense.weight", "dense.bias", "o_proj.base.weight",
-                          "o_proj.base.bias", "dense.base.weight", "dense.base.bias")) and ".mlp." not in name:
-            trained.add(name)
 
 
 def _split_steps(steps: int | None, cfg: FinetuneConfig) -> None:
@@ -372,7 +205,7 @@ def finetune(
         overwrite: replace an existing ``out_dir``.
         config: full settings; the explicit arguments above override it.
         quant_aware: train stage 2 through this weight grid and save the
-            rounded weights (:mod:`~dijiang_deploy.finetune.quant_aware`);
+            rounded weights (:mod:`~dijiang_deploy.quantization.grid`);
             None: ``config.quant_aware`` (default: off).
         on_step: called as ``on_step(stage, step, loss)`` (tests, logging).
 
@@ -381,11 +214,84 @@ def finetune(
         DataError: missing, unreadable or empty training text.
         DiJiangError: ``out_dir`` exists, bad teacher, teacher/student mismatch.
     """
-    from tqdm.auto import tqdm
-
     t_start = time.monotonic()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = _settings(config, steps, budget_minutes, seed, lora_rank, stage2, quant_aware)
+    device = cfg.resolved_device()
+    online = cfg.resolved_teacher_pass(device) == "online"
+    cfg.data.resolve(cfg.budget_minutes, steps, online=online)
+    if out_dir.exists() and not overwrite:
+        raise DiJiangError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    if data is not None:
+        read_text_source(data)  # fail on missing/empty text before loading models
+    checkpoint_folder(model_dir)
+    _set_threads(cfg, device)
+
+    student = load_model(model_dir)
+    teacher_model, teacher_name = _teacher_for(student, model_dir, teacher)
+    teacher_model.model.to(device)
+    tokenizer = load_tokenizer(model_dir, student.config.vocab_size)
+
+    work = _work_dir(out_dir)
+    saver = Saver(work, _fingerprint(model_dir, None if data is None else str(data), str(teacher_name), cfg), cfg.checkpoint_every_s)
+    state = saver.load() if resume else None
+    if not resume and work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+
+    if state is not None and "tokens" in state:
+        ids, data_what = state["tokens"], state["data_what"]
+    else:
+        ids, data_what = build_tokens(model_dir, data, teacher_model, tokenizer, cfg, progress)
+    use_bf16 = autocast_enabled(cfg.autocast, device)
+    cache: TeacherBatches
+    if online:
+        cache = OnlineTeacher(teacher_model, ids, cfg.stage2.top_k, autocast=use_bf16)
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            cache = build_cache(teacher_model, ids, cfg.stage2.top_k, progress=progress)
+
+    layers = student.attention_layers()
+    decay = DecayRates(layers) if cfg.stage1.train_decay and all(a.geometric for a in layers) else None
+    if cfg.lora_rank > 0:
+        for i, attn in enumerate(layers):
+            add_adapters(attn, cfg.lora_rank, seed=seed * 1000 + i)
+    grid = WeightGrid(student, cfg.quant_aware) if cfg.quant_aware is not None else None
+    # Moved after the adapters and the grid are attached: Module.to keeps the
+    # Parameter objects, so the grid's and the optimizer's references hold.
+    student.to(device)
+    if decay is not None:
+        decay.to(device)
+    run = TrainingRun(
+        cfg=cfg, student=student, cache=cache, decay=decay, grid=grid, saver=saver, device=device,
+        use_bf16=use_bf16, base_state={"tokens": ids, "data_what": data_what},
+        elapsed_before=float(state["elapsed"]) if state else 0.0, progress=progress, on_step=on_step,
+        t_start=t_start,
+    )
+    start_stage = 1
+    if state is not None:
+        run.restore(state)
+        start_stage = state["stage"]
+    train_left = max(run.budget_s - run.used() - SAVE_RESERVE_S, 1.0)
+    stage1_s = train_left * (cfg.stage1.fraction if cfg.stage2.enabled else 1.0)
+    run.phase_start_used = run.used()
+    for stage in (1, 2) if cfg.stage2.enabled else (1,):
+        if stage < start_stage:
+            continue
+        stage_s = stage1_s if stage == 1 else max(run.budget_s - run.used() - SAVE_RESERVE_S, 1.0)
+        run_stage(run, stage, stage_s, resume=state if state is not None and stage == start_stage else None)
+    result = _finalise(run, model_dir, out_dir, tokenizer, teacher_model, str(teacher_name), data_what, online, overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _settings(
+    config: FinetuneConfig | None, steps: int | None, budget_minutes: float | None, seed: int, lora_rank: int,
+    stage2: bool, quant_aware: QuantAwareConfig | None,
+) -> FinetuneConfig:
+    """A validated copy of ``config`` with ``finetune()``'s explicit arguments applied."""
     cfg = FinetuneConfig.from_dict(config.to_dict()) if config is not None else FinetuneConfig()
+    if lora_rank < 0:
+        raise DiJiangError(f"lora_rank must be >= 0, got {lora_rank}")
     cfg.seed, cfg.lora_rank = seed, lora_rank
     cfg.stage2.enabled = bool(stage2)
     if quant_aware is not None:
@@ -402,16 +308,10 @@ def finetune(
             raise DiJiangError(f"budget_minutes must be > 0, got {budget_minutes}")
         cfg.budget_minutes = float(budget_minutes)
     _split_steps(steps, cfg)
-    device = cfg.resolved_device()
-    online = cfg.resolved_teacher_pass(device) == "online"
-    cfg.data.resolve(cfg.budget_minutes, steps, online=online)
-    if lora_rank < 0:
-        raise DiJiangError(f"lora_rank must be >= 0, got {lora_rank}")
-    if out_dir.exists() and not overwrite:
-        raise DiJiangError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    if data is not None:
-        read_text_source(data)  # fail on missing/empty text before loading models
-    checkpoint_folder(model_dir)
+    return cfg
+
+
+def _set_threads(cfg: FinetuneConfig, device: torch.device) -> None:
     threads = cfg.resolved_threads()
     cpus = os.cpu_count() or 1
     if device.type == "cpu" and not cfg.threads and threads < cpus:
@@ -421,175 +321,34 @@ def finetune(
             "(--threads N to override)", cpus - threads, cpus, threads,
         )
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
 
-    student = load_model(model_dir)
+
+def _teacher_for(
+    student: DiJiangForCausalLM, model_dir: Path, teacher: str | Path | SoftmaxTeacher | None
+) -> tuple[SoftmaxTeacher, str]:
+    """The softmax teacher and its name; refuses one whose shapes differ from the student's."""
     if isinstance(teacher, SoftmaxTeacher):
         teacher_model, teacher_name = teacher, teacher.description or "given"
     else:
         name = str(teacher) if teacher is not None else recorded_source(model_dir)
         teacher_model = load_teacher(teacher, model_dir)
         teacher_name = name or teacher_model.description
-    teacher_model.model.to(device)
     tc, sc = teacher_model.config, student.config
     for attr in ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
         if getattr(tc, attr) != getattr(sc, attr):
             raise DiJiangError(
                 f"teacher {teacher_name} does not match {model_dir}: {attr} {getattr(tc, attr)} vs {getattr(sc, attr)}"
             )
-    tokenizer = load_tokenizer(model_dir, sc.vocab_size)
+    return teacher_model, teacher_name
 
-    work = _work_dir(out_dir)
-    saver = _Saver(work, _fingerprint(model_dir, None if data is None else str(data), str(teacher_name), cfg), cfg.checkpoint_every_s)
-    state = saver.load() if resume else None
-    if not resume and work.exists():
-        shutil.rmtree(work, ignore_errors=True)
-    elapsed_before = float(state["elapsed"]) if state else 0.0
 
-    if state is not None and "tokens" in state:
-        ids, data_what = state["tokens"], state["data_what"]
-    else:
-        ids, data_what = build_tokens(model_dir, data, teacher_model, tokenizer, cfg, progress)
-    use_bf16 = autocast_enabled(cfg.autocast, device)
-    cache: TeacherBatches
-    if online:
-        cache = OnlineTeacher(teacher_model, ids, cfg.stage2.top_k, autocast=use_bf16)
-    else:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            cache = build_cache(teacher_model, ids, cfg.stage2.top_k, progress=progress)
-    base_state = {"tokens": ids, "data_what": data_what}
-
-    layers = student.attention_layers()
-    decay = DecayRates(layers) if cfg.stage1.train_decay and all(a.geometric for a in layers) else None
-    if cfg.lora_rank > 0:
-        for i, attn in enumerate(layers):
-            add_adapters(attn, cfg.lora_rank, seed=seed * 1000 + i)
-    grid = WeightGrid(student, cfg.quant_aware) if cfg.quant_aware is not None else None
-    # Moved after the adapters and the grid are attached: Module.to keeps the
-    # Parameter objects, so the grid's and the optimizer's references hold.
-    student.to(device)
-    if decay is not None:
-        decay.to(device)
-    calibration: dict[str, Any] | None = None
-    grid_on = False  # stage 2 has reached QuantAwareConfig.start
-    grid_steps = 0
-
-    budget_s = cfg.budget_minutes * 60.0
-
-    def used() -> float:
-        return elapsed_before + time.monotonic() - t_start
-
-    train_left = max(budget_s - used() - SAVE_RESERVE_S, 1.0)
-    stage1_s = train_left * (cfg.stage1.fraction if cfg.stage2.enabled else 1.0)
-    phase_start_used = used()
-    history: dict[str, list[float]] = {"stage1": [], "stage2": []}
-    done_steps = {1: 0, 2: 0}
-    start_stage, start_step = 1, 0
-    if state is not None:
-        history = state["history"]
-        done_steps = state["done_steps"]
-        start_stage, start_step = state["stage"], state["step"]
-
-    n_seq = ids.shape[0]
-    refits: list[float] = []
-    trained: set[str] = set(state["params"]) - {"__decay__"} if state is not None else set()
-    for stage in (1, 2):
-        if stage == 2 and not cfg.stage2.enabled:
-            break
-        if stage < start_stage:
-            continue
-        sc_steps = cfg.stage1.steps if stage == 1 else cfg.stage2.steps
-        batch = min(cfg.stage1.batch if stage == 1 else cfg.stage2.batch, n_seq)
-        if stage == 2:
-            stage_s = max(budget_s - used() - SAVE_RESERVE_S, 1.0)
-        else:
-            stage_s = stage1_s
-        groups = _param_groups(student, decay, stage, cfg)
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
-        gen = torch.Generator().manual_seed(seed * 31 + stage)
-        step = 0
-        if state is not None and stage == start_stage:
-            _load_trainable(student, decay, state["params"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            step = start_step
-            stage_s = state.get("stage_s", stage_s)
-            calibration = state.get("quant_calibration", calibration)
-            grid_on = bool(state.get("grid_on", False))
-            grid_steps = int(state.get("grid_steps", 0))
-            phase_start_used = state.get("phase_start_used", phase_start_used)
-        else:
-            phase_start_used = used()
-        if sc_steps == 0:
-            continue
-        if stage == 1 and step == 0 and cfg.stage1.refit_output:
-            _refit(student, cache, decay, cfg, seed, trained, refits, progress)
-        bar = tqdm(
-            total=sc_steps, initial=step, desc=f"stage {stage}: {'attention transfer' if stage == 1 else 'distillation'}",
-            unit="step", disable=not progress,
-        )
-        while True:
-            if sc_steps is not None:
-                if step >= sc_steps:
-                    break
-                frac = step / sc_steps
-            else:
-                frac = (used() - phase_start_used) / stage_s
-                if frac >= 1.0:
-                    break
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * _schedule(frac)
-            if stage == 2 and grid is not None and not grid_on and frac >= cfg.quant_aware.start:
-                grid_on = True
-                if cfg.quant_aware.calibrate:
-                    if decay is not None:
-                        decay.write_tables()  # the activations measured should see the trained decay
-                    calibration = calibrate_in_place(student, cache.ids, cfg.quant_aware, progress)
-                    # Every layer tensor may have been rescaled: keep them all in resumable state.
-                    trained.update(n for n, _ in student.named_parameters() if ".layers." in n)
-            rows = torch.randperm(n_seq, generator=gen)[:batch]
-            opt.zero_grad(set_to_none=True)
-            # Grid phase: forward and backward on the rounded weights, the
-            # update on the float masters (straight-through estimator).
-            grid_steps += int(grid_on and stage == 2)
-            with grid.rounded() if grid_on and stage == 2 else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    if stage == 1:
-                        loss, _ = transfer_loss(student, cache, rows, decay)
-                    else:
-                        loss = distill_loss(student, cache, rows, decay, cfg.stage2.ce_weight)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-            opt.step()
-            step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DiJiangError(f"stage {stage} loss became {value} at step {step}; lower the learning rate")
-            history[f"stage{stage}"].append(value)
-            done_steps[stage] = step
-            bar.update(1)
-            if sc_steps is None:  # a time budget: the bar has no step total, so show the time left
-                left = max(0.0, stage_s - (used() - phase_start_used))
-                bar.set_postfix(loss=f"{value:.4f}", left=f"{int(left) // 60}:{int(left) % 60:02d}")
-            else:
-                bar.set_postfix(loss=f"{value:.4f}")
-            saver.save(
-                {
-                    **base_state, "stage": stage, "step": step, "params": _trainable_state(student, decay, trained),
-                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
-                    "done_steps": done_steps, "elapsed": used(), "stage_s": stage_s,
-                    "phase_start_used": phase_start_used, "quant_calibration": calibration, "grid_on": grid_on,
-                    "grid_steps": grid_steps,
-                }
-            )
-            if on_step is not None:
-                on_step(stage, step, value)
-        bar.close()
-        if stage == 1 and cfg.stage1.refit_output:
-            _refit(student, cache, decay, cfg, seed, trained, refits, progress)
-        state = None
-
-    # -- finalise: plain checkpoint ------------------------------------------
+def _finalise(
+    run: TrainingRun, model_dir: Path, out_dir: Path, tokenizer, teacher_model: SoftmaxTeacher, teacher_name: str,
+    data_what: str, online: bool, overwrite: bool,
+) -> FinetuneResult:
+    """Merge adapters, snap to the grid, write the decay tables and save a plain checkpoint."""
+    cfg, student, decay, grid = run.cfg, run.student, run.decay, run.grid
     # On the CPU: ONNX Runtime's rounding (snap) and the saved tensors live there.
     student.requires_grad_(False).to("cpu")
     teacher_model.model.to("cpu")
@@ -597,10 +356,8 @@ def finetune(
         decay.to("cpu")
     merged = merge_adapters(student)
     if grid is not None:
-        if not grid_on and cfg.quant_aware.calibrate:  # stage 2 never reached the grid phase
-            if decay is not None:
-                decay.write_tables()
-            calibration = calibrate_in_place(student, cache.ids, cfg.quant_aware, progress)
+        if not run.grid_on and cfg.quant_aware.calibrate:  # stage 2 never reached the grid phase
+            run.calibrate()
         grid.snap()
     if decay is not None:
         decay.write_tables()
@@ -609,29 +366,32 @@ def finetune(
     heldout = None
     if (model_dir / "tokenizer.json").exists():
         heldout = evaluate(student, None, tokenizer=tokenizer).perplexity
-    h1, h2 = history["stage1"], history["stage2"]
+    h1, h2 = run.history["stage1"], run.history["stage2"]
+    ids = run.base_state["tokens"]
     record = {
-        "teacher": str(teacher_name),
+        "teacher": teacher_name,
         "data": data_what,
         "train_tokens": int(ids.numel()),
         "settings": cfg.to_dict(),
-        "stage1_steps": done_steps[1],
-        "stage2_steps": done_steps[2],
+        "stage1_steps": run.done_steps[1],
+        "stage2_steps": run.done_steps[2],
         "stage1_loss": [h1[0], h1[-1]] if h1 else None,
         "stage2_loss": [h2[0], h2[-1]] if h2 else None,
         "adapters_merged": merged,
-        "refit_mse": refits,
+        "refit_mse": run.refits,
         "decay_gamma": decay.gammas() if decay is not None else None,
         "heldout_perplexity": heldout,
-        "seconds": round(used(), 1),
-        "bf16_autocast": use_bf16,
-        "device": str(device),
+        "seconds": round(run.used(), 1),
+        "bf16_autocast": run.use_bf16,
+        "device": str(run.device),
         "teacher_pass": "online" if online else "cache",
         "threads": torch.get_num_threads(),
         "source_checkpoint": str(model_dir),
     }
     if grid is not None:
-        record[QUANT_RECORD_KEY] = {**cfg.quant_aware.to_record(), "calibration": calibration, "grid_steps": grid_steps}
+        record[QUANT_RECORD_KEY] = {
+            **cfg.quant_aware.to_record(), "calibration": run.calibration, "grid_steps": run.grid_steps,
+        }
     student.config.raw["dijiang_finetune"] = {k: v for k, v in record.items() if k not in ("decay_gamma",)}
     save_checkpoint(
         student,
@@ -640,11 +400,10 @@ def finetune(
         overwrite=overwrite,
         extra_files={"finetune.json": json.dumps(record, indent=2) + "\n"},
     )
-    shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(
         out_dir=out_dir,
-        stage1_steps=done_steps[1],
-        stage2_steps=done_steps[2],
+        stage1_steps=run.done_steps[1],
+        stage2_steps=run.done_steps[2],
         stage1_loss=tuple(record["stage1_loss"]) if h1 else None,
         stage2_loss=tuple(record["stage2_loss"]) if h2 else None,
         heldout_perplexity=heldout,

@@ -11,7 +11,7 @@ from ..cli_types import float_in, int_at_least, positive_float, positive_int
 def _finetune(args: argparse.Namespace) -> int:
     from .api import finetune
     from .config import FinetuneConfig
-    from .quant_aware import QuantAwareConfig
+    from ..quantization.grid import QuantAwareConfig
 
     cfg = FinetuneConfig(threads=args.threads, device=args.device, teacher_pass=args.teacher_pass)
     if args.quant_aware:
@@ -150,10 +150,3 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 __all__ = ["add_parsers"]
 
-
-if __name__ == "__main__":  # pragma: no cover
-    # ``python -m dijiang_deploy.finetune.cli finetune ...`` is the same
-    # program as ``dijiang-deploy finetune ...``: one error-handling path.
-    from ..cli import main
-
-    raise SystemExit(main())
