@@ -3,7 +3,7 @@
 A step costs a fixed overhead (reading every weight once, launching the
 graph) plus work per token, and padding a chunk costs the work of the
 padded tokens. :func:`plan_chunks` minimises that: with power-of-two lengths
-up to 64, 100 tokens go as 64 + 32 + 4 and 63 as one padded 64.
+up to 64, 100 tokens go as chunks of 64, 4 and 32 (in that order) and 63 as one padded 64.
 """
 
 from __future__ import annotations
