@@ -4,6 +4,7 @@ resume, evaluation and input errors. Runs in seconds on one CPU core."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -386,3 +387,70 @@ def test_stage1_trains_value_projection_only_when_asked():
         assert not {n for n in trained if "mlp" in n or "o_proj" in n}
         assert bool({n for n in trained if n.endswith("v_proj.weight")}) == train_v
         assert sum(len(g["params"]) for g in groups) == len(trained)
+
+
+# -- stage 2 options: the hidden-state term, frozen MLPs -------------------------
+
+
+def test_hidden_state_term_adds_the_layer_mismatch_and_trains_it(trained):
+    from dijiang_deploy.finetune.e2e import distill_loss
+    from dijiang_deploy.finetune.transfer import build_cache, relative_mse
+
+    student = load_model(trained["dir"])
+    ids = torch.tensor(trained["tok"].encode(trained["train"].read_text())[: 4 * 64]).view(4, 64)
+    cache = build_cache(trained["teacher"], ids, top_k=16, progress=False)
+    rows = torch.arange(4)
+    plain = distill_loss(student, cache, rows)
+    with_hidden = distill_loss(student, cache, rows, hidden_weight=2.0)
+    # The same mismatch computed independently: the student's normed layer inputs.
+    xs, _ = cache.layer_io(rows)
+    seen = []
+    hooks = [a.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for a in student.attention_layers()]
+    with torch.no_grad():
+        student(cache.input_ids(rows), mode="chunked", chunk_size=64)
+    for h in hooks:
+        h.remove()
+    expected = torch.stack([relative_mse(x, xs[i]) for i, x in enumerate(seen)]).mean()
+    assert expected > 1e-4  # the untrained student's residual stream differs from the teacher's
+    assert float((with_hidden - plain).detach()) == pytest.approx(2.0 * float(expected), rel=1e-4)
+    with_hidden.backward()
+    w_g = student.attention_layers()[0].W_G
+    assert w_g.grad is not None and float(w_g.grad.abs().sum()) > 0
+
+
+def test_stage2_attention_leaves_mlps_and_other_base_weights_untouched(trained, tmp_path):
+    cfg = small_config()
+    cfg.stage2 = dataclasses.replace(cfg.stage2, train="attention", hidden_weight=1.0)
+    out = finetune(trained["dir"], tmp_path / "ft", data=trained["train"], teacher=trained["teacher"],
+                   steps=6, lora_rank=4, progress=False, config=cfg)
+    before, after = read_weights(trained["dir"]), read_weights(out.out_dir)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(".mlp." in k or "layernorm" in k or "embed" in k for k in changed), changed
+    assert any("W_G" in k for k in changed) and any("q_proj" in k for k in changed)
+    assert json.loads((out.out_dir / "finetune.json").read_text())["settings"]["stage2"]["hidden_weight"] == 1.0
+
+
+@pytest.mark.parametrize("field, value", [("train", "mlp"), ("hidden_weight", -1.0), ("ce_weight", float("nan"))])
+def test_stage2_config_rejects_bad_fields(field, value):
+    from dijiang_deploy.finetune.config import Stage2Config
+
+    with pytest.raises(DiJiangError, match=field):
+        Stage2Config(**{field: value})
+
+
+def test_data_scale_cap_lifts_the_default_four_times():
+    from dijiang_deploy.finetune.config import MAX_DATA_SCALE, DataConfig
+
+    capped, lifted = DataConfig(), DataConfig(max_scale=8.0)
+    capped.resolve(90.0, None)
+    lifted.resolve(90.0, None)
+    assert capped.max_tokens == int(DataConfig.max_tokens * MAX_DATA_SCALE)
+    assert lifted.max_tokens == DataConfig.max_tokens * 8 and lifted.generated == 32 * 8
+    with pytest.raises(DiJiangError, match="max_scale"):
+        DataConfig(max_scale=0.5)
+
+
+def test_cli_stage2_choices_match_the_config():
+    from dijiang_deploy.finetune import cli, config
+
+    assert cli.STAGE2_TRAIN == config.STAGE2_TRAIN

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..cli_types import float_in, int_at_least, positive_float, positive_int
+
+
+#: config.STAGE2_TRAIN, spelled out so that building the parser needs no torch.
+STAGE2_TRAIN = ("all", "attention", "dijiang")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -21,6 +26,8 @@ def _finetune(args: argparse.Namespace) -> int:
         )
     if args.generated is not None:
         cfg.data.generated = args.generated
+    cfg.data = dataclasses.replace(cfg.data, max_scale=args.max_data_scale)
+    cfg.stage2 = dataclasses.replace(cfg.stage2, train=args.stage2_train, hidden_weight=args.hidden_weight)
     result = finetune(
         args.model_dir,
         args.output,
@@ -95,6 +102,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and initialisation (default 0)")
     p.add_argument("--lora-rank", type=int_at_least(0), default=0, help="low-rank adapters on q/k/v/o (default 0: none; the demo uses 16)")
     p.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True, help="end-to-end distillation stage")
+    p.add_argument(
+        "--stage2-train", choices=STAGE2_TRAIN, default="all",
+        help="what stage 2 trains: all (attention, MLPs and norms), attention (MLPs frozen: with --lora-rank the "
+        "result ships as a small delta, see `convert --model smollm2`), dijiang (only the new parameters)",
+    )
+    p.add_argument(
+        "--hidden-weight", type=float_in(0.0, 100.0), default=0.0,
+        help="weight of stage 2's per-layer hidden-state distillation term (default 0: off)",
+    )
+    p.add_argument(
+        "--max-data-scale", type=float_in(1.0, 1000.0),
+        help="cap of the training data's growth with the budget (default 4; the teacher cache takes ~69 KB/token)",
+    )
     p.add_argument(
         "--generated", type=int_at_least(0),
         help="chat answers the teacher writes from built-in prompts, added to the built-in text "

@@ -320,7 +320,7 @@ def run_stage(
                 if stage == 1:
                     loss, _ = transfer_loss(student, cache, rows, decay)
                 else:
-                    loss = distill_loss(student, cache, rows, decay, cfg.stage2.ce_weight)
+                    loss = distill_loss(student, cache, rows, decay, cfg.stage2.ce_weight, cfg.stage2.hidden_weight)
             loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
