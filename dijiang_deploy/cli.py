@@ -30,8 +30,23 @@ def _convert(args: argparse.Namespace) -> int:
     source = args.model or args.source
     if not source:
         raise DiJiangError("convert needs a SOURCE folder/.gguf file or --model NAME")
-    opts = ConvertOptions(qmc=args.qmc, seed=args.seed, table_length=args.table_length)
-    model = convert(source, args.output, opts, overwrite=args.overwrite, progress=not args.quiet)
+    custom = [f for f, v in (("--qmc", args.qmc), ("--seed", args.seed), ("--table-length", args.table_length)) if v is not None]
+    if args.model and not args.untrained:
+        if custom:
+            raise DiJiangError(f"{', '.join(custom)} shape an untrained conversion: add --untrained "
+                               f"(the shipped {args.model} conversion was trained with the defaults)")
+        from .convert import convert_shipped
+
+        model = convert_shipped(args.model, args.output, overwrite=args.overwrite, progress=not args.quiet)
+        record = model.config.raw["dijiang_shipped"]
+        ppl = record.get("heldout_perplexity")
+        print(f"trained conversion: {record.get('recipe', '?')}"
+              + (f", held-out perplexity {ppl:.1f}" if ppl else ""))
+    else:
+        if args.untrained and not args.model:
+            raise DiJiangError("--untrained applies to --model NAME (a SOURCE is always converted untrained)")
+        opts = ConvertOptions(qmc=args.qmc or "sobol", seed=args.seed or 0, table_length=args.table_length)
+        model = convert(source, args.output, opts, overwrite=args.overwrite, progress=not args.quiet)
     cfg = model.config
     print(
         f"wrote {args.output}: {cfg.family}, {cfg.num_layers} layers x {cfg.num_heads} heads x d={cfg.head_dim}, "
@@ -170,13 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="turn a pretrained HF/GGUF model into a DiJiang checkpoint",
         description="Replace every softmax attention of a GPT-NeoX/Pythia or LLaMA-family model with DiJiang "
         "attention (DCT feature map, per-head decay) and write a checkpoint folder that reloads on its own. "
-        "The result writes nonsense until it is fine-tuned (dijiang-deploy finetune).",
+        "A SOURCE (and --model NAME --untrained) writes nonsense until it is fine-tuned (dijiang-deploy finetune); "
+        "--model smollm2 gives the project's trained conversion, shipped as a small delta over the package's weights.",
     )
     p.add_argument("source", nargs="?", help="Hugging Face model folder or .gguf file")
     p.add_argument("--model", help="embedded model name instead of SOURCE (smollm2)")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
-    p.add_argument("--qmc", default="sobol", choices=["sobol", "halton", "random"], help="points for the DCT weights")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--untrained", action="store_true",
+                   help="with --model: the raw conversion instead of the shipped trained one")
+    p.add_argument("--qmc", choices=["sobol", "halton", "random"], help="points for the DCT weights (default sobol)")
+    p.add_argument("--seed", type=int, help="seed of the DCT points (default 0)")
     p.add_argument("--table-length", type=int, help="decay table length (default: model max positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -218,3 +218,39 @@ class _TokenizerSaver:
 
     def save_pretrained(self, out: str) -> None:
         self.fn(Path(out))
+
+
+def convert_shipped(
+    name: str,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    delta_dir: str | Path | None = None,
+) -> DiJiangForCausalLM:
+    """Write the project's trained conversion of embedded model ``name``.
+
+    The untrained conversion of the package's base weights plus the shipped
+    delta (:mod:`~dijiang_deploy.shipped`; ``delta_dir`` overrides where it is
+    read from). The checkpoint's config gains ``dijiang_shipped``: how the
+    conversion was trained and its recorded held-out perplexity.
+
+    Raises:
+        CheckpointError: the delta is missing, truncated or altered, or was
+            made from other base weights or conversion settings.
+        DiJiangError: nothing is shipped for ``name``.
+    """
+    from .shipped import apply_delta, check_base, read_delta, shipped_delta
+
+    delta = read_delta(delta_dir if delta_dir is not None else shipped_delta(name))
+    check_base(delta, embedded_model_path(name))
+    base = load_base(name)
+    model = convert_base(base, ConvertOptions(), progress=progress)
+    want = delta.manifest["config"].get("dijiang")
+    if model.config.raw.get("dijiang") != want:
+        raise CheckpointError(f"{delta.folder}: made with conversion settings {want}, "
+                              f"this version converts with {model.config.raw.get('dijiang')}")
+    apply_delta(model, delta)
+    model.config.raw.pop("dijiang_finetune", None)
+    model.config.raw["dijiang_shipped"] = {"delta": delta.folder.name, **delta.record}
+    save_checkpoint(model, out_dir, overwrite=overwrite, tokenizer=_TokenizerSaver(base.save_tokenizer))
+    return model

@@ -1,12 +1,12 @@
 """Embed the DiJiang runtime in an application: a streaming multi-turn chat.
 
-    .venv/bin/python examples/stream_chat.py runs/smollm2-onnx                      # interactive
-    .venv/bin/python examples/stream_chat.py runs/smollm2-onnx --prompt "Hi!" --prompt "And?"
-    .venv/bin/python examples/stream_chat.py runs/smollm2-onnx --save-state chat.djstate   # resume later
-    .venv/bin/python examples/stream_chat.py runs/smollm2-onnx --load-state chat.djstate
+    .venv/bin/python examples/stream_chat.py runs/smollm2-shipped-onnx                      # interactive
+    .venv/bin/python examples/stream_chat.py runs/smollm2-shipped-onnx --prompt "Hi!" --prompt "And?"
+    .venv/bin/python examples/stream_chat.py runs/smollm2-shipped-onnx --save-state chat.djstate   # resume later
+    .venv/bin/python examples/stream_chat.py runs/smollm2-shipped-onnx --load-state chat.djstate
 
 (``.venv`` is what ``scripts/demo.sh`` or ``scripts/setup.sh`` creates;
-``runs/smollm2-onnx`` is the demo's export.) The conversation lives in a
+``runs/smollm2-shipped-onnx`` is the demo's export.) The conversation lives in a
 session's recurrent state: each turn feeds only its own new tokens, memory
 stays fixed however long the chat gets, and the whole conversation can be
 saved to a file of a few MiB and resumed in another process.
@@ -35,7 +35,7 @@ def answer(session: Session, prompt: str, max_new_tokens: int, out=sys.stdout) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("onnx_dir", help="export folder (dijiang-deploy export), e.g. runs/smollm2-onnx")
+    parser.add_argument("onnx_dir", help="export folder (dijiang-deploy export), e.g. runs/smollm2-shipped-onnx")
     parser.add_argument("--prompt", action="append", help="a user turn (repeatable); default: read turns interactively")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest reply in tokens (default 96)")
     parser.add_argument("--load-state", help="continue the conversation saved in this state file")

@@ -57,5 +57,5 @@ def smollm2_dir(tmp_path_factory) -> Path:
     from dijiang_deploy.cli import main
 
     out = tmp_path_factory.mktemp("smollm2") / "dj"
-    assert main(["convert", "--model", "smollm2", "-o", str(out), "-q"]) == 0
+    assert main(["convert", "--model", "smollm2", "--untrained", "-o", str(out), "-q"]) == 0
     return out

@@ -90,7 +90,7 @@ def test_convert_cli_from_hf_folder(tmp_path, capsys):
 
 @requires_smollm2
 def test_convert_smollm2_cli_reloads_identically(smollm2_dir):
-    """``dijiang-deploy convert --model smollm2`` (the session fixture runs the
+    """``dijiang-deploy convert --model smollm2 --untrained`` (the session fixture runs the
     CLI) reloads with logits identical to a conversion kept in memory."""
     from dijiang_deploy.convert import convert_base, load_base
 

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dijiang_deploy"
 LAYERS: list[set[str]] = [
     {"_version", "contract", "cli_types"},
     {"config", "data", "kernels", "quality"},
-    {"modeling", "checkpoint", "convert", "testing"},
+    {"modeling", "checkpoint", "convert", "shipped", "testing"},
     {"quantization"},
     {"export"},
     {"build"},

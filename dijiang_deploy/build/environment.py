@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from types import ModuleType
@@ -74,14 +73,6 @@ def find_plugin_library(explicit: str | Path | None, required: bool) -> Path | N
             f"(expected at {DEFAULT_PLUGIN_LIBRARY})"
         )
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gpu_info(device: int = 0) -> tuple[str, str]:

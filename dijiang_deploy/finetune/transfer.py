@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..modeling.attention import DiJiangAttention
+from ..modeling.decay import geometric_tables
 from ..modeling.model import DiJiangForCausalLM
 from .teacher import SoftmaxTeacher
 
@@ -179,11 +180,7 @@ class DecayRates(nn.Module):
         a = self.a.double().clamp(LOG_RATE_MIN, LOG_RATE_MAX)
         log_gamma = torch.log1p(-torch.exp(a))
         for i, attn in enumerate(self.layers):
-            length = attn.D1.shape[2]
-            t = torch.arange(length, dtype=torch.float64, device=a.device)
-            lg = log_gamma[i][:, None]
-            d1 = torch.exp(t[None] * lg)[None, :, :, None]
-            d2 = torch.exp(-t[None] * lg)[None, :, :, None]
+            d1, d2 = geometric_tables(log_gamma[i], attn.D1.shape[2])
             attn.D1.data = d1.to(attn.D1.dtype)
             attn.D2.data = d2.to(attn.D2.dtype)
             attn.refresh_decay()

@@ -42,8 +42,14 @@ def build_tables(num_heads: int, length: int, settings: DiJiangSettings) -> tupl
     beyond about 2800 positions; the tables are only read to fit ``gamma``.
     """
     gamma = torch.tensor(decay_rates(num_heads, settings), dtype=torch.float64)
-    t = torch.arange(length, dtype=torch.float64)
-    log_g = torch.log(gamma)[:, None]
+    return geometric_tables(torch.log(gamma), length)
+
+
+def geometric_tables(log_gamma: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D1, D2)`` each ``[1, H, length, 1]`` float64 for per-head ``log_gamma [H]``:
+    ``D1[t] = gamma^t`` and ``D2[t] = gamma^(-t)``, formed as exponentials."""
+    t = torch.arange(length, dtype=torch.float64, device=log_gamma.device)
+    log_g = log_gamma.double()[:, None]
     d1 = torch.exp(t[None, :] * log_g)
     d2 = torch.exp(-t[None, :] * log_g)
     return d1[None, :, :, None], d2[None, :, :, None]
