@@ -58,34 +58,41 @@ def _short(call: str) -> str:
     return f"{call.split()[0]} {Path(call.split(' -o ')[1].split()[0]).name}"
 
 
-def test_first_run_does_every_step(fake_root: Path) -> None:
+def test_first_run_converts_the_shipped_model_and_does_not_fine_tune(fake_root: Path) -> None:
     calls, _ = _demo(fake_root)
-    assert calls == ["convert smollm2-dijiang", "finetune smollm2-dijiang-ft", "export smollm2-onnx",
-                     f"run {fake_root}/runs/smollm2-onnx --chat --prompt Hi --max-new-tokens 64"]
+    assert calls == ["convert smollm2-shipped", "export smollm2-shipped-onnx",
+                     f"run {fake_root}/runs/smollm2-shipped-onnx --chat --prompt Hi --max-new-tokens 64"]
+    convert = (fake_root / "calls.log").read_text().splitlines()[0]
+    assert "--model smollm2" in convert and "--untrained" not in convert
 
 
 def test_second_run_reuses_and_says_so(fake_root: Path) -> None:
     _demo(fake_root)
     calls, err = _demo(fake_root)
     assert [c.split()[0] for c in calls] == ["run"]
-    for folder in ("smollm2-dijiang", "smollm2-dijiang-ft", "smollm2-onnx"):
+    for folder in ("smollm2-shipped", "smollm2-shipped-onnx"):
         assert f"reusing {fake_root}/runs/{folder} (delete it to redo this step)" in err
 
 
-def test_a_new_budget_is_not_served_by_the_old_model(fake_root: Path) -> None:
+def test_a_fine_tune_budget_trains_on_top_in_folders_of_its_own(fake_root: Path) -> None:
     _demo(fake_root)
     log = fake_root / "calls.log"
     calls, _ = _demo(fake_root, DIJIANG_FINETUNE_MINUTES="60")
-    assert calls[:2] == ["finetune smollm2-dijiang-ft-60min", "export smollm2-onnx-60min"]
-    assert "--budget-minutes 60" in log.read_text().splitlines()[0]
-    assert calls[2].startswith(f"run {fake_root}/runs/smollm2-onnx-60min ")
+    assert calls[:2] == ["finetune smollm2-shipped-ft60min", "export smollm2-shipped-onnx-ft60min"]
+    first = log.read_text().splitlines()[0]
+    assert "--budget-minutes 60" in first and "--lora-rank 16" in first
+    assert first.split()[1].endswith("/runs/smollm2-shipped")  # on top of the shipped conversion
+    assert calls[2].startswith(f"run {fake_root}/runs/smollm2-shipped-onnx-ft60min ")
 
 
-def test_int4_variant_fine_tunes_through_the_grid(fake_root: Path) -> None:
+def test_int4_exports_int4_and_fine_tunes_through_the_grid_only_when_asked(fake_root: Path) -> None:
     _demo(fake_root, DIJIANG_WEIGHTS="int4")
     lines = (fake_root / "calls.log").read_text().splitlines()
+    assert not any(line.startswith("finetune ") for line in lines)
+    assert any(line.startswith("export ") and "smollm2-shipped-onnx-int4 --weights int4" in line for line in lines)
+    _demo(fake_root, DIJIANG_WEIGHTS="int4", DIJIANG_FINETUNE_MINUTES="5")
+    lines = (fake_root / "calls.log").read_text().splitlines()
     assert any(line.startswith("finetune ") and "--quant-aware int4" in line for line in lines)
-    assert any(line.startswith("export ") and "smollm2-onnx-int4 --weights int4" in line for line in lines)
 
 
 @pytest.mark.parametrize("env, message", [
