@@ -108,3 +108,17 @@ def test_a_conversation_sticks_to_its_replica_and_survives_its_death(cluster, ex
         _, solo = _converse(single.url, turns[3:], history)
     assert text == solo[0][2]
     print(f"failover: next answer {failover_s:.1f} s after the kill, {cached} tokens resumed")
+
+
+def test_the_shipped_ray_serve_config_builds_the_application(tmp_path):
+    import yaml
+    from ray.serve import Application
+
+    from dijiang_deploy.serving import ray_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "ray_serve.yaml").read_text())
+    (entry,) = config["applications"]
+    module, _, attr = entry["import_path"].partition(":")
+    assert module == ray_app.__name__ and getattr(ray_app, attr) is ray_app.build
+    app = ray_app.build({**entry["args"], "export_dir": str(tmp_path)})
+    assert isinstance(app, Application)

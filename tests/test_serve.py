@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -287,3 +289,20 @@ def test_smollm2_behind_the_server(smollm2_dir, tmp_path):
         second = client.chat.completions.create(model="smollm2", messages=_second_turn(client, first), max_tokens=16,
                                                 temperature=0)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_the_multi_turn_client_example_resumes_from_the_servers_state(server):
+    example = Path(__file__).resolve().parents[1] / "examples" / "server_chat.py"
+    proc = subprocess.run(
+        [sys.executable, str(example), "--base-url", f"{server.url}/v1", "--prompt", "Hello there",
+         "--prompt", "And what next?", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    usage = [line for line in proc.stderr.splitlines() if line.startswith("[prompt ")]
+    assert len(usage) == 2
+    prompt1 = int(usage[0].split()[1])
+    completion1 = int(usage[0].split("; ")[1].split()[0])
+    cached1, cached2 = (int(u.split(", ")[1].split()[0]) for u in usage)
+    # Turn 2 starts from what turn 1 left: its prompt and its answer come from the cache.
+    assert cached2 == prompt1 + completion1 and cached2 > cached1
