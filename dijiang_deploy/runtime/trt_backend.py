@@ -316,11 +316,6 @@ class TrtBackend:
         self.stream.synchronize()
         return [s.cpu().numpy() for s in self._states[self._current]]
 
-    @property
-    def device_state(self) -> list[Any]:
-        """Current per-layer state as torch CUDA tensors (overwritten two steps later)."""
-        return self._states[self._current]
-
     def state_nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self._states[self._current])
 
