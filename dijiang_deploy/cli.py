@@ -173,6 +173,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # One function on purpose: the subcommands' flags read as one declarative table, in the order `--help` lists them.
     parser = argparse.ArgumentParser(
         prog="dijiang-deploy",
         description="DiJiang linear-attention models: convert, export to ONNX, build TensorRT engines, run.",

@@ -80,6 +80,7 @@ def prepare(
     max_chunk: int | None = None,
 ) -> Prepared:
     """Create what ``systems`` need under ``work_dir``; failures become skip notes."""
+    # One function on purpose: each system's artifact is prepared, reused or skipped with its reason in one pass over the requested systems.
     from ..checkpoint import checkpoint_folder, save_checkpoint
     from ..config import ModelConfig
     from ..export import export_checkpoint

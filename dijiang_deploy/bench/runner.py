@@ -183,6 +183,7 @@ def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run everything ``opts`` asks for, write the outputs into ``opts.out``, return the results."""
+    # One function on purpose: the systems run one after the other on a shared work plan, and each failure is recorded in place so the other rows are still written.
     from .report import write_outputs
 
     threads = opts.resolved_threads()

@@ -292,6 +292,7 @@ def build_engine(
         BackendUnavailableError: TensorRT, a GPU or the plugin library is missing.
         DiJiangError: the graph does not parse, the build fails, or inputs are invalid.
     """
+    # One function on purpose: the TensorRT builder objects live for the duration of one build and are configured step by step in the order TensorRT requires.
     onnx_dir = Path(onnx_dir)
     manifest = Manifest.load(onnx_dir)
     check_manifest_inputs(manifest)

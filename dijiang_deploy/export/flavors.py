@@ -54,6 +54,7 @@ def function_body(rule: str) -> onnx.FunctionProto:
     terms stay bounded and the whole prompt is linear in its length. Exponents
     are cumulative sums of ``g <= 0`` restricted to ``m <= t``: never positive.
     """
+    # One function on purpose: the ONNX function body is a straight sequence of nodes, read top to bottom against the spec.
     if rule not in ("gated", "linear"):
         raise ValueError(f"update_rule must be 'gated' or 'linear', got {rule!r}")
     gated = rule == "gated"

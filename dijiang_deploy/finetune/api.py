@@ -214,6 +214,7 @@ def finetune(
         DataError: missing, unreadable or empty training text.
         DiJiangError: ``out_dir`` exists, bad teacher, teacher/student mismatch.
     """
+    # The orchestration of settings, teacher, data, both stages and saving: each step is one call into stages.py or a helper here.
     t_start = time.monotonic()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = _settings(config, steps, budget_minutes, seed, lora_rank, stage2, quant_aware)

@@ -86,6 +86,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     Handlers raise :class:`~dijiang_deploy.contract.errors.DiJiangError` subclasses for
     bad input, which the main CLI prints as one line (exit status 2).
     """
+    # One function on purpose: the flags read as one declarative table, in the order `--help` lists them.
     p = subparsers.add_parser(
         "finetune", help="train a converted checkpoint to match its softmax teacher",
         description="Distil the softmax teacher into the DiJiang student: stage 1 fits each layer's attention "

@@ -260,6 +260,7 @@ def run_stage(
     Raises:
         DiJiangError: the loss became NaN or infinite.
     """
+    # One loop on purpose: resume, schedule, grid phase, step and checkpoint share the loop's state; splitting it would pass a dozen locals around.
     from tqdm.auto import tqdm
 
     cfg, student, decay, cache = run.cfg, run.student, run.decay, run.cache

@@ -74,6 +74,7 @@ def create_app(core: ServerCore, load_in_background: bool = True) -> "BodyLimit"
 
     The model loads at startup, in a thread, so ``/health`` answers 503 meanwhile.
     """
+    # One function on purpose: the routes are closures over one ServerCore, declared together as FastAPI expects.
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -190,6 +190,7 @@ class EngineReplica:
 
 
 def _ingress_app():
+    # One function on purpose: the ingress class and its routes must be defined together inside a function so Ray pickles them by value.
     app = FastAPI(title="dijiang-deploy (Ray Serve)", docs_url=None, redoc_url=None)
 
     class Ingress:
