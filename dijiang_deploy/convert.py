@@ -246,9 +246,9 @@ def convert_shipped(
     base = load_base(name)
     model = convert_base(base, ConvertOptions(), progress=progress)
     want = delta.manifest["config"].get("dijiang")
-    if model.config.raw.get("dijiang") != want:
+    if model.config.dijiang.to_dict() != want:
         raise CheckpointError(f"{delta.folder}: made with conversion settings {want}, "
-                              f"this version converts with {model.config.raw.get('dijiang')}")
+                              f"this version converts with {model.config.dijiang.to_dict()}")
     apply_delta(model, delta)
     model.config.raw.pop("dijiang_finetune", None)
     model.config.raw["dijiang_shipped"] = {"delta": delta.folder.name, **delta.record}
