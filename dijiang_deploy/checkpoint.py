@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -178,6 +179,34 @@ MAX_SHARD_BYTES = 4 << 30
 SHARD_INDEX = "model.safetensors.index.json"
 
 
+def split_by_bytes(
+    tensors: dict[str, torch.Tensor], max_bytes: int, group: Callable[[str], str] | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """``tensors`` in order, cut into files of at most ``max_bytes`` (a larger unit goes alone).
+
+    ``group``: names mapping to the same key form one unit that is never cut
+    (they must be adjacent in ``tensors``).
+    """
+    units: list[dict[str, torch.Tensor]] = []
+    last = object()
+    for name, tensor in tensors.items():
+        key = group(name) if group is not None else name
+        if not units or key != last:
+            units.append({})
+        units[-1][name] = tensor
+        last = key
+    files: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for unit in units:
+        n = sum(t.numel() * t.element_size() for t in unit.values())
+        if files[-1] and size + n > max_bytes:
+            files.append({})
+            size = 0
+        files[-1].update(unit)
+        size += n
+    return files
+
+
 def save_checkpoint(
     model: DiJiangForCausalLM,
     out_dir: str | Path,
@@ -205,15 +234,7 @@ def save_checkpoint(
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight" if model.config.family == "llama" else "embed_out.weight", None)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, tensor in state.items():
-            n = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += n
+        shards = split_by_bytes(state, max_shard_bytes)
         metadata = {"format": "pt", "producer": "dijiang-deploy"}
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata=metadata)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checkpoint import split_by_bytes
 from .contract.atomic import atomic_dir
 from .contract.digest import file_sha256
 from .contract.errors import CheckpointError, DiJiangError
@@ -186,16 +187,9 @@ def write_delta(
     from safetensors.torch import save_file
 
     tensors, entries = encode_delta(trained, untrained)
-    files: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(tensors, key=lambda k: (k.rsplit("/", 1)[0], k)):
-        t = tensors[key]
-        n = t.numel() * t.element_size()
-        if files[-1] and size + n > max_file_bytes:
-            files.append({})
-            size = 0
-        files[-1][key] = t
-        size += n
+    # The parts of one tensor (b/a, q/scale) go to the same file: the manifest names one file per tensor.
+    ordered = {k: tensors[k] for k in sorted(tensors, key=lambda k: (k.rsplit("/", 1)[0], k))}
+    files = split_by_bytes(ordered, max_file_bytes, group=lambda k: k.rsplit("/", 1)[0])
     out = Path(out_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         listed = []
@@ -239,6 +233,9 @@ def read_delta(folder: str | Path, verify: bool = True) -> Delta:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                               f"expected {FORMAT!r}")
+    missing = [k for k in ("config", "base", "files", "tensors") if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{path}: delta manifest lacks {', '.join(missing)}")
     if verify:
         for f in manifest["files"]:
             p = folder / f["name"]

@@ -86,10 +86,30 @@ def test_delta_rebuilds_the_trained_model(written):
     assert rebuilt.attention_layers()[0].geometric
 
 
-def test_delta_files_stay_under_the_size_limit(written):
+def test_delta_files_stay_under_the_size_limit_and_keep_each_tensor_whole(written):
+    from safetensors import safe_open
+
     manifest = json.loads((written["out"] / MANIFEST_NAME).read_text())
     assert len(manifest["files"]) > 1 and all(f["bytes"] < 200_000 + 4096 for f in manifest["files"])
     assert manifest["record"] == {"recipe": "test"}
+    where: dict[str, set[str]] = {}
+    for f in manifest["files"]:
+        with safe_open(str(written["out"] / f["name"]), framework="pt") as fh:
+            for key in fh.keys():
+                where.setdefault(key.rsplit("/", 1)[0], set()).add(f["name"])
+    # Every part of a tensor (b/a, q/scale) in the one file the manifest names for it.
+    assert all(files == {manifest["tensors"][name]["file"]} for name, files in where.items())
+
+
+def test_split_by_bytes_never_cuts_a_group():
+    from dijiang_deploy.checkpoint import split_by_bytes
+
+    parts = {f"t{i}/{p}": torch.zeros(100) for i in range(5) for p in ("a", "b")}  # 400 bytes each
+    files = split_by_bytes(parts, 1200, group=lambda k: k.split("/")[0])
+    assert [sorted(f) for f in files] == [["t0/a", "t0/b"], ["t1/a", "t1/b"], ["t2/a", "t2/b"], ["t3/a", "t3/b"],
+                                          ["t4/a", "t4/b"]]
+    # Without groups three tensors fit in 1200 bytes, and t1's parts are cut apart.
+    assert sorted(split_by_bytes(parts, 1200)[0]) == ["t0/a", "t0/b", "t1/a"]
 
 
 def test_missing_truncated_or_altered_files_are_one_line_errors(written):
@@ -104,6 +124,9 @@ def test_missing_truncated_or_altered_files_are_one_line_errors(written):
         read_delta(out)
     first.unlink()
     with pytest.raises(CheckpointError, match="missing"):
+        read_delta(out)
+    (out / MANIFEST_NAME).write_text(json.dumps({"format": "dijiang-delta/1"}))
+    with pytest.raises(CheckpointError, match="lacks config, base, files, tensors"):
         read_delta(out)
     (out / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):

@@ -107,14 +107,19 @@ def quantize_export(
     manifest.weights = options.weight_format
     manifest.quantization = {k: v for k, v in (quantization_info(quant) or {}).items() if k != "quantized_nodes"}
     manifest.decode_ops_per_layer = decode_op_counts(quant, manifest.num_layers)
+    _write_folder(src, dst, quant, manifest, overwrite)
+    return quantization_info(quant) or {}
+
+
+def _write_folder(src: Path, dst: Path, graph, manifest: Manifest, overwrite: bool) -> None:
+    """``dst`` (atomically): ``graph`` as the model file, ``manifest`` re-hashed, the rest of ``src`` copied."""
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        save_graph(quant, tmp / manifest.model_file)
+        save_graph(graph, tmp / manifest.model_file)
         for item in src.iterdir():
             if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data", MANIFEST_NAME):
                 shutil.copy2(item, tmp / item.name)
         manifest.graph_sha256 = graph_sha256(tmp, manifest.model_file)
         manifest.write(tmp)
-    return quantization_info(quant) or {}
 
 
 def write_qdq_export(src: str | Path, dst: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -133,11 +138,5 @@ def write_qdq_export(src: str | Path, dst: str | Path, overwrite: bool = False) 
     manifest = Manifest.load(src)
     model = onnx.load(str(src / manifest.model_file))
     qdq = matmulnbits_to_qdq(model)
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
-        save_graph(qdq, tmp / manifest.model_file)
-        for item in src.iterdir():
-            if item.is_file() and item.name not in (manifest.model_file, manifest.model_file + ".data", MANIFEST_NAME):
-                shutil.copy2(item, tmp / item.name)
-        manifest.graph_sha256 = graph_sha256(tmp, manifest.model_file)
-        manifest.write(tmp)
+    _write_folder(src, dst, qdq, manifest, overwrite)
     return quantization_info(qdq) or {}
