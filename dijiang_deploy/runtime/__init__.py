@@ -6,9 +6,10 @@ saved to a state file); the :class:`Engine` batches many requests
 continuously; :class:`Generator` is the one-call API over both.
 """
 
-from .engine import Engine, QueueFullError, Request, RequestHandle, RequestOutput
+from .engine import Engine
 from .generator import GenerationResult, GenerationStream, Generator, StreamEvent
 from .model import Model
+from .requests import QueueFullError, Request, RequestHandle, RequestOutput
 from .sampling import SamplingParams
 from .session import GenerationOutput, GenerationStats, Session, SessionStream, TokenEvent
 from .tokenizer import Message, TextTokenizer

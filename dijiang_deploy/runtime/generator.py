@@ -19,8 +19,9 @@ import numpy as np
 from ..contract.errors import DiJiangError
 from ..contract.manifest import Manifest
 from .chunks import plan_chunks
-from .engine import Engine, Request, RequestOutput
+from .engine import Engine
 from .model import Model
+from .requests import Request, RequestOutput
 from .sampling import SamplingParams
 from .session import GenerationStats, TokenEvent
 

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 from ..contract.errors import DiJiangError
 from ..contract.statefile import SequenceState, StateFileError
 from ..runtime import Engine, Model, QueueFullError, Request, RequestOutput, SamplingParams
-from ..runtime.engine import EngineClosedError
+from ..runtime.requests import EngineClosedError
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, StateRequest
 from .state_cache import StateCache
 
