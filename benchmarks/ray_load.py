@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _ray_server import RayServer  # noqa: E402  (the tests' launcher: a real serve --ray process)
+
+from dijiang_deploy.bench.measure import machine_info  # noqa: E402
 
 
 def chat(url: str, model: str, messages: list[dict], max_tokens: int, session: str) -> httpx.Response:
@@ -90,8 +91,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     model = args.export_dir.name
-    results: dict = {"export": str(args.export_dir), "machine": f"{platform.processor() or platform.machine()}",
-                     "command": " ".join(sys.argv), "runs": {}}
+    results: dict = {"export": str(args.export_dir), "machine": machine_info(),
+                     "command": " ".join(["python", *sys.argv]), "runs": {}}
     for replicas in (1, 2):
         shared = Path(tempfile.mkdtemp(prefix="djray-states-"))
         srv = RayServer(args.export_dir, "--replicas", str(replicas), "--replica-cpus", str(2 / replicas / 1.25),
@@ -106,7 +107,11 @@ def main() -> int:
             shutil.rmtree(srv.temp, ignore_errors=True)
             shutil.rmtree(shared, ignore_errors=True)
     one, two = results["runs"][1], results["runs"][2]
+    m = results["machine"]
     lines = [
+        f"Export: {results['export']}; CPU: {m.get('model_name', '?')}, {m.get('cpus', '?')} CPUs; "
+        f"command: `{results['command']}`",
+        "",
         "| engine replicas | requests | completion tokens | seconds | tokens/s | replicas used |",
         "| --- | --- | --- | --- | --- | --- |",
         *(f"| {n} | {r['requests']} | {r['tokens']} | {r['seconds']:.1f} | {r['tok_s']:.1f} | {r['replicas_used']} |"
