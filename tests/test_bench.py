@@ -247,6 +247,22 @@ def test_interleaved_step_times(tmp_path):
         interleaved_step_times([tmp_path / "missing"], threads=1)
 
 
+def test_profile_decode_runs_the_rows_it_names(tmp_path):
+    """A batched profile feeds that many rows (the graph would reject a mismatch) and counts the same nodes per step."""
+    from dijiang_deploy.bench.profile import profile_decode
+    from dijiang_deploy.export import ExportOptions, export_model
+    from dijiang_deploy.testing import random_model
+
+    folder = tmp_path / "tiny"
+    export_model(random_model("llama", seed=1, num_hidden_layers=1), folder, ExportOptions(attention_op="inline"))
+    one = profile_decode(folder, threads=1, steps=3)
+    four = profile_decode(folder, threads=1, steps=3, rows=4)
+    assert (one["rows"], four["rows"]) == (1, 4)
+    assert four["nodes_per_step"] == one["nodes_per_step"] > 0
+    with pytest.raises(ValueError, match="rows"):
+        profile_decode(folder, threads=1, rows=0)
+
+
 _CRASHING_LLAMA_CPP = '''
 """Stand-in for a llama-cpp-python built with -march=native on a CPU it does not suit:
 it loads, then dies with SIGSEGV on the first eval, as such builds do."""

@@ -33,19 +33,20 @@ def _session(path: Path, threads: int, profile_prefix: str | None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _feeds(manifest: Any, context: int) -> dict[str, np.ndarray]:
+def _feeds(manifest: Any, context: int, rows: int = 1) -> dict[str, np.ndarray]:
     feeds = {
-        "input_ids": np.full((1, 1), 5, np.int64),
-        "attention_mask": np.ones((1, 1), np.int64),
-        "past_position": np.array([context], np.int64),
+        "input_ids": np.full((rows, 1), 5, np.int64),
+        "attention_mask": np.ones((rows, 1), np.int64),
+        "past_position": np.full((rows,), context, np.int64),
     }
     for name in manifest.state_inputs:
-        feeds[name] = np.zeros((1, *manifest.state_shape), np.float32)
+        feeds[name] = np.zeros((rows, *manifest.state_shape), np.float32)
     return feeds
 
 
-def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: int = 20) -> dict[str, Any]:
-    """Profile ``steps`` decode steps of the export in ``folder``.
+def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: int = 20,
+                   rows: int = 1) -> dict[str, Any]:
+    """Profile ``steps`` decode steps of ``rows`` sequences of the export in ``folder``.
 
     Returns wall time per step (plain and profiled session), the summed
     kernel time per step, and per operator type: milliseconds per step, nodes
@@ -58,7 +59,9 @@ def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: 
     folder = Path(folder)
     manifest = Manifest.load(folder)
     path = folder / manifest.model_file
-    feeds = _feeds(manifest, context)
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    feeds = _feeds(manifest, context, rows)
 
     plain = _session(path, threads, None)
     for _ in range(3):
@@ -110,6 +113,7 @@ def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: 
         "weights": manifest.weights,
         "threads": threads,
         "context": context,
+        "rows": rows,
         "steps": steps,
         "wall_ms_per_step": float(np.median(walls)) * 1000,
         "profiled_wall_ms_per_step": profiled_wall * 1000,
