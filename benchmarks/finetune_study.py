@@ -1,4 +1,4 @@
-"""Fine-tuning studies behind docs/finetune-results.md ("Session 6").
+"""Fine-tuning studies behind docs/finetune-results.md ("Stage split and stage-2 learning rate").
 
 Three commands, each printing one line per result:
 

@@ -25,7 +25,7 @@ divergence), and prints:
    activation rounding alone, int8 weight rounding alone (round to nearest,
    blocks along K, no calibration) and both, beside the unrotated model.
 
-Used for docs/quantization.md, "Session 7":
+Used for docs/quantization.md ("Formats", the int8 rows):
 
     python benchmarks/int8_activation_study.py CHECKPOINT [--ort FP32_EXPORT]
 """

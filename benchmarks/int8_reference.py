@@ -10,8 +10,8 @@ activations). Each quantized graph scores the first ``--tokens`` tokens of the
 shipped held-out text teacher-forced in one call, against the float32 graph
 in ONNX Runtime: top-1 agreement and perplexity change (``quality_report``),
 and the share of positions whose float32 top-2 logits are closer than 0.01
-(where any rounding may flip the arg-max). Used for docs/quantization.md,
-"Session 7":
+(where any rounding may flip the arg-max). Used for docs/quantization.md
+("Formats", the int8 rows):
 
     python benchmarks/int8_reference.py [--work-dir /tmp/int8_reference]
 
@@ -20,7 +20,7 @@ CPU 8-bit format instead: the embedded GGUF re-quantized by llama.cpp's own
 ``llama_model_quantize`` to F32 and to Q8_0 (blocks of 32; llama.cpp's CPU
 kernel rounds activations to 8 bits per block too), with the tied
 embedding/head at Q8_0 (the file llama.cpp makes by default) or kept F32,
-each against the F32 file on the same token ids (session 9).
+each against the F32 file on the same token ids.
 """
 
 from __future__ import annotations

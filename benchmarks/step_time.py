@@ -4,7 +4,7 @@ Times the step graph alone (``InferenceSession.run`` on one token, no
 tokenizer or sampling), so graph changes show without the generator's
 per-token work; ``compare_exports.py`` times whole ``generate`` calls.
 Used for the before/after table of the one-token branch (docs/benchmarks.md,
-"Session 8"):
+"One-token decode branch"):
 
     python benchmarks/step_time.py OLD_FP32 NEW_FP32 OLD_INT4 NEW_INT4
 """
