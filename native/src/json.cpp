@@ -396,5 +396,16 @@ std::string dump(const Value& v) {
     return out;
 }
 
+Value parse_file(const std::string& path, dj_status status) {
+    std::string text = read_text_file(path);
+    try {
+        return parse(text);
+    } catch (const Error&) {
+        throw;
+    } catch (const std::runtime_error& e) {
+        fail(status, path + ": not valid JSON (" + e.what() + ")");
+    }
+}
+
 }  // namespace json
 }  // namespace dj

@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "dijiang.h"
+
 namespace dj {
 namespace json {
 
@@ -72,6 +74,11 @@ private:
 
 // Throws std::runtime_error with "line L column C: what" on malformed input.
 Value parse(const std::string& text);
+
+// The JSON document in the file at `path`. A read error keeps its own status;
+// text that is not JSON fails with `status` and the path, since which kind of
+// folder the file belongs to decides what the caller should be told.
+Value parse_file(const std::string& path, dj_status status);
 // Compact, as Python's json.dumps(..., separators=(",", ":")) with
 // ensure_ascii=True writes it: non-ASCII as \uXXXX (lowercase hex), so the
 // header bytes equal the Python runtime's.

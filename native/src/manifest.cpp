@@ -64,13 +64,7 @@ Manifest Manifest::load(const std::string& folder) {
     if (!is_directory(folder)) fail(DJ_ERR_NOT_FOUND, folder + ": not a folder");
     std::string path = join_path(folder, "manifest.json");
     if (!path_exists(path)) fail(DJ_ERR_NOT_FOUND, folder + ": no manifest.json (not a dijiang-deploy export folder)");
-    json::Value root;
-    try {
-        root = json::parse(read_text_file(path));
-    } catch (const std::runtime_error& e) {
-        if (dynamic_cast<const Error*>(&e)) throw;
-        bad(path, std::string("not valid JSON (") + e.what() + ")");
-    }
+    json::Value root = json::parse_file(path, DJ_ERR_BAD_EXPORT);
     if (!root.is_object()) bad(path, "unknown manifest format (not an object)");
     const json::Value* format = root.find("format");
     if (!format || !format->is_string() || format->as_string() != kFormat)
@@ -176,14 +170,7 @@ std::vector<int32_t> Manifest::prefill_lengths() const {
 }
 
 ChatFormat ChatFormat::load(const std::string& path) {
-    json::Value root;
-    try {
-        root = json::parse(read_text_file(path));
-    } catch (const Error&) {
-        throw;
-    } catch (const std::runtime_error& e) {
-        fail(DJ_ERR_CHAT, path + ": not valid JSON (" + e.what() + ")");
-    }
+    json::Value root = json::parse_file(path, DJ_ERR_CHAT);
     auto str = [&](const json::Value* obj, const char* key) {
         const json::Value* v = obj && obj->is_object() ? obj->find(key) : nullptr;
         if (!v || !v->is_string()) fail(DJ_ERR_CHAT, path + ": malformed chat format (no string '" + key + "')");

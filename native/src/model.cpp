@@ -19,14 +19,7 @@ const std::string kCreatedBy = "dijiang-deploy " DJ_STR(DIJIANG_VERSION_MAJOR) "
 std::string config_token(const std::string& folder, const char* key) {
     std::string path = join_path(folder, "tokenizer_config.json");
     if (!path_exists(path)) return std::string();
-    json::Value v;
-    try {
-        v = json::parse(read_text_file(path));
-    } catch (const Error&) {
-        throw;
-    } catch (const std::runtime_error& e) {
-        fail(DJ_ERR_TOKENIZER, path + ": not valid JSON (" + e.what() + ")");
-    }
+    json::Value v = json::parse_file(path, DJ_ERR_TOKENIZER);
     const json::Value* t = v.is_object() ? v.find(key) : nullptr;
     if (t && t->is_object()) t = t->find("content");
     return t && t->is_string() ? t->as_string() : std::string();

@@ -19,14 +19,7 @@ EngineInfo read_engine_json(const std::string& folder) {
     std::string path = join_path(folder, "engine.json");
     if (!path_exists(path))
         fail(DJ_ERR_BAD_EXPORT, folder + ": no engine.json (not a TensorRT engine folder of dijiang-deploy build)");
-    json::Value v;
-    try {
-        v = json::parse(read_text_file(path));
-    } catch (const Error&) {
-        throw;
-    } catch (const std::runtime_error& e) {
-        fail(DJ_ERR_BAD_EXPORT, path + ": not valid JSON (" + e.what() + ")");
-    }
+    json::Value v = json::parse_file(path, DJ_ERR_BAD_EXPORT);
     const json::Value* format = v.is_object() ? v.find("format") : nullptr;
     if (!format || !format->is_string() || format->as_string() != "dijiang-trt/1")
         fail(DJ_ERR_BAD_EXPORT, path + ": unknown engine manifest format");
