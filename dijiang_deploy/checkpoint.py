@@ -16,10 +16,11 @@ from typing import Callable
 
 import torch
 
-from .contract.atomic import atomic_dir
 from .config import ModelConfig
+from .contract.atomic import atomic_dir
 from .contract.errors import CheckpointError
 from .contract.names import TOKENIZER_FILES
+from .modeling.layers import RotaryEmbedding
 from .modeling.model import DiJiangForCausalLM
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ def build_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
     if config.tie_word_embeddings:
         model.head.weight = model.body.embed.weight
     # Non-persistent buffers were created on the meta device: rebuild them.
-    from .modeling.layers import RotaryEmbedding
-
     model.rotary = RotaryEmbedding(config)
     for attn in model.attention_layers():
         attn.D1.requires_grad_(False)

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from .checkpoint import build_from_tensors, read_weights, save_checkpoint
-from .contract.names import TOKENIZER_FILES
 from .config import DiJiangSettings, ModelConfig
 from .contract.errors import CheckpointError, DiJiangError
+from .contract.names import TOKENIZER_FILES
 from .modeling.decay import build_tables
 from .modeling.model import DiJiangForCausalLM
+from .shipped import apply_delta, check_base, read_delta, shipped_delta
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,6 @@ def convert_shipped(
             made from other base weights or conversion settings.
         DiJiangError: nothing is shipped for ``name``.
     """
-    from .shipped import apply_delta, check_base, read_delta, shipped_delta
 
     delta = read_delta(delta_dir if delta_dir is not None else shipped_delta(name))
     check_base(delta, embedded_model_path(name))

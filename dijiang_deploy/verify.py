@@ -11,6 +11,10 @@ import torch
 
 from .checkpoint import checkpoint_folder, load_model
 from .contract.errors import DiJiangError
+from .data import heldout_text
+from .quality import QUALITY_TARGETS, quality_report
+from .runtime import Generator
+from .runtime.tokenizer import TextTokenizer, load_tokenizer
 
 #: Float32 logits may differ from the exact (float64) ones by this share of
 #: the largest exact logit at most, whatever PyTorch's own float32 error is:
@@ -153,7 +157,6 @@ def verify(
         DiJiangError: the reference is not a checkpoint, or not the one the
             export came from (vocabulary size differs).
     """
-    from .runtime import Generator
 
     checkpoint_folder(reference)  # a wrong --reference fails before the graph loads
     gen = Generator.from_pretrained(onnx_dir, load_tokenizer=False)
@@ -168,14 +171,9 @@ def verify(
     text_source = "given text" if text is not None else None
     if input_ids is None and text is None and quantized:
         # A quantized export is judged on real text (perplexity), not only on random tokens' top-1.
-        from .data import heldout_text
-        from .runtime.tokenizer import load_tokenizer
-
         if load_tokenizer(reference) is not None:
             text, text_source = heldout_text(), "the package's held-out text"
     if input_ids is None and text is not None:
-        from .runtime.tokenizer import TextTokenizer
-
         input_ids = np.array([TextTokenizer(reference).encode(text)[:tokens]], dtype=np.int64)
     if input_ids is None:
         rng = np.random.default_rng(seed)
@@ -199,8 +197,6 @@ def verify(
         tolerance=tol,
     )
     if gen.manifest.weights in ("int8", "int4"):
-        from .quality import QUALITY_TARGETS, quality_report
-
         report.quality_targets = QUALITY_TARGETS[gen.manifest.weights]
         if text is not None:
             report.ppl_change = quality_report(got, want, input_ids)["ppl_change"]

@@ -129,3 +129,54 @@ def test_runtime_layers_do_not_reach_for_the_modeling_stack(module):
         if _unit(target) in heavy
     ]
     assert not hits, "\n".join(hits)
+
+
+#: Modules that may import package modules inside functions, and why. Anywhere
+#: else a deferred import only hides a dependency (or a cycle) from the reader.
+DEFERRED_IMPORTS_ALLOWED: dict[str, str] = {
+    "cli.py": "each subcommand loads only its own stack: `run` must not import torch",
+    "build/cli.py": "the same, for `build`",
+    "finetune/cli.py": "the same, for `finetune`",
+    "serving/cli.py": "the same, for `serve` (Ray only with --ray)",
+    "bench/cli.py": "the same, for `bench` (streams or contexts)",
+    "bench/artifacts.py": "builds only the systems asked for; most need torch or llama.cpp",
+    "bench/systems.py": "a worker process imports only the system it measures",
+    "bench/streams.py": "the same, for stream workers",
+    "bench/worker.py": "the same, for the decode worker",
+    "bench/kv_export.py": "the softmax baseline's base model (random or GGUF) loads only when asked for",
+    "runtime/model.py": "the TensorRT backend (optional) loads only when chosen",
+    "runtime/trt_lane.py": "the same",
+    "runtime/ort_backend.py": "the reference custom op needs onnxruntime-extensions (test extra)",
+    "serving/ray_app.py": "runs on Ray replicas, which import the server core in their own process",
+    "export/quantized.py": "export/graph.py imports this module",
+    "finetune/perplexity.py": "scores an export folder only when given one",
+}
+
+
+def _deferred_imports(root: Path = PACKAGE) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dijiang_deploy")):
+                    out.append(f"{rel}:{node.lineno} in {fn.name}()")
+                elif isinstance(node, ast.Import) and any(a.name.startswith("dijiang_deploy") for a in node.names):
+                    out.append(f"{rel}:{node.lineno} in {fn.name}()")
+    return sorted(set(out))
+
+
+def test_deferred_imports_only_where_a_reason_is_stated():
+    stray = [d for d in _deferred_imports() if d.split(":")[0] not in DEFERRED_IMPORTS_ALLOWED]
+    assert not stray, "import these at module level, or state why not in DEFERRED_IMPORTS_ALLOWED:\n" + "\n".join(stray)
+    unused = set(DEFERRED_IMPORTS_ALLOWED) - {d.split(":")[0] for d in _deferred_imports()}
+    assert not unused, f"no deferred imports left in {sorted(unused)}: drop them from DEFERRED_IMPORTS_ALLOWED"
+
+
+def test_the_deferred_import_walk_finds_one(tmp_path):
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "x.py").write_text("import os\n\ndef f():\n    import json\n    from ..contract import names\n")
+    assert _deferred_imports(tmp_path) == ["runtime/x.py:5 in f()"]

@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dijiang_deploy.contract.errors import ExportError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model, register_schema
+from dijiang_deploy.export import graph as export_graph
 from dijiang_deploy.export import quantized
 from dijiang_deploy.quantization import nbits, qdq, select
 from dijiang_deploy.contract.manifest import MANIFEST_NAME
@@ -75,7 +76,7 @@ def bundle(tmp_path_factory):
             return real(proto, options, **kw)
 
         root = tmp_path_factory.mktemp(f"q-{fam}")
-        nbits.quantize_weights = capture  # export_model imports it at call time
+        export_graph.quantize_weights = capture  # the name export_model calls
         try:
             # calibrate=False: the dequantized-twin tests below put the graph's
             # weights back into `model`, whose norms calibration would rescale
@@ -85,7 +86,7 @@ def bundle(tmp_path_factory):
             )
             export_model(model, root / "int4", opts)
         finally:
-            nbits.quantize_weights = real
+            export_graph.quantize_weights = real
         (float_proto,) = seen
         manifest = Manifest.load(root / "int4")
         entry = {"model": model, "float": float_proto, "int4": root / "int4"}

@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..contract.manifest import Manifest
+from .measure import onnx_weight_bytes_per_token
+
 
 def _session(path: Path, threads: int, profile_prefix: str | None):
     import onnxruntime as ort
@@ -53,8 +56,6 @@ def profile_decode(folder: str | Path, threads: int, context: int = 128, steps: 
     per step and share of kernel time. MatMul-family rows also give the
     weight bytes they read and the bandwidth that implies.
     """
-    from ..contract.manifest import Manifest
-    from .measure import onnx_weight_bytes_per_token
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
@@ -137,7 +138,6 @@ def interleaved_step_times(
     minutes slows all folders alike. Returns, per folder (as given), the mean
     step time of each round.
     """
-    from ..contract.manifest import Manifest
 
     if rounds < 1 or steps < 1:
         raise ValueError(f"rounds and steps must be >= 1, got {rounds} and {steps}")

@@ -33,6 +33,7 @@ from typing import Any
 
 from .artifacts import prepare
 from .measure import library_versions, machine_info, memory_bandwidth
+from .report import write_outputs
 from .systems import ALL_SYSTEMS
 
 DEFAULT_CONTEXTS = (128, 1024, 4096, 8192)
@@ -184,8 +185,6 @@ def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run everything ``opts`` asks for, write the outputs into ``opts.out``, return the results."""
     # One function on purpose: the systems run one after the other on a shared work plan, and each failure is recorded in place so the other rows are still written.
-    from .report import write_outputs
-
     threads = opts.resolved_threads()
     started = time.time()
     results: dict[str, Any] = {

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..contract.errors import BackendUnavailableError
+from ..contract.names import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 PLUGIN_LIBRARY_NAME = "libdijiang_trt_plugins.so"
 #: Where scripts/build_plugins.sh puts the library by default.
@@ -133,7 +134,6 @@ def load_plugin_library(trt: ModuleType, path: Path) -> object:
     Raises:
         BackendUnavailableError: the library does not load or lacks the creator.
     """
-    from ..contract.names import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     key = str(Path(path).resolve())
     if key in _LOADED:

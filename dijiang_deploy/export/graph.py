@@ -27,6 +27,7 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..contract.atomic import atomic_dir
+from ..contract.chat import ChatFormat, load_chat_template
 from ..contract.errors import DiJiangError, ExportError
 from ..contract.manifest import Manifest, TensorSpec, graph_sha256
 from ..contract.names import (
@@ -37,6 +38,9 @@ from ..contract.names import (
     TOKENIZER_FILES,
 )
 from ..modeling.model import DiJiangForCausalLM, DiJiangState
+from ..quantization.calibrate import CalibrationConfig, calibrate_for_quantization, calibration_ids
+from ..quantization.grid import ON_GRID_TOLERANCE, WeightGrid, recorded_grid
+from ..quantization.nbits import BITS, DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
 from . import ops
 from .direct import DIRECT_OPSET, build_step_graph
 from .flavors import FLAVORS, apply_flavor
@@ -162,8 +166,6 @@ def resolve_attention_op(model: DiJiangForCausalLM, options: ExportOptions) -> E
         geometric = all(a.geometric for a in model.attention_layers())
         options = dataclasses.replace(options, attention_op=auto_attention_op(options.dtype, geometric))
     if options.symmetric is None:
-        from ..quantization.grid import recorded_grid
-
         grid = recorded_grid(model.config.raw)
         if grid is not None and options.weight_format in ("int8", "int4") and grid.block_size == options.block_size:
             symmetric = grid.symmetric
@@ -183,7 +185,6 @@ def lossless_on_grid(model: DiJiangForCausalLM, options: ExportOptions) -> bool:
     against the grid (a few seconds for SmolLM2), and a checkpoint edited
     after the fine-tune falls back to the calibrated export with a warning.
     """
-    from ..quantization.grid import ON_GRID_TOLERANCE, WeightGrid, recorded_grid
 
     grid = recorded_grid(model.config.raw)
     if grid is None or options.weight_format not in ("int8", "int4") or grid.block_size != options.block_size:
@@ -395,8 +396,6 @@ def _quantizer_inputs(model: DiJiangForCausalLM, options: ExportOptions):
 
 
 def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None) -> tuple[onnx.ModelProto, dict]:
-    from ..quantization.nbits import DEFAULT_ACCURACY_LEVEL, quantization_info, quantize_weights
-
     # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
     # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel for it.
     head_level = DEFAULT_ACCURACY_LEVEL[8] if options.weight_format == "int4" else None
@@ -423,7 +422,6 @@ def _manifest(model: DiJiangForCausalLM, options: ExportOptions, proto: onnx.Mod
 def write_chat_format(folder: Path) -> bool:
     """Write ``chat_format.json`` (the template as per-role strings, for the C runtime)
     when the folder's chat template has that form; False (and a warning) otherwise."""
-    from ..contract.chat import ChatFormat, load_chat_template
 
     template = load_chat_template(folder)
     if template is None:
@@ -441,12 +439,6 @@ def _calibrated(
     model: DiJiangForCausalLM, options: ExportOptions, tokenizer_dir: str | Path | None
 ) -> tuple[DiJiangForCausalLM, dict]:
     """The activation-aware rescaled copy of ``model`` for ``options``' quantizer, and its record."""
-    from ..quantization.calibrate import (
-        CalibrationConfig,
-        calibrate_for_quantization,
-        calibration_ids,
-    )
-    from ..quantization.nbits import BITS
 
     seq_len = min(256, options.calibration_tokens)
     config = CalibrationConfig(tokens=options.calibration_tokens, seq_len=seq_len, data=options.calibration_data)

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from ..contract.errors import DiJiangError
+from ..data import calibration_text, text_sha256
+from ..data.text import ByteTokenizer, load_tokenizer, read_text_source
 from ..modeling.model import DiJiangForCausalLM
 from .rtn import ort_rtn
 
@@ -199,7 +201,6 @@ def calibrate_for_quantization(
     handles = []
     for i, layer_groups in enumerate(groups):
         for g in layer_groups:
-
             def hook(_m, args, key=(i, g.name)):
                 captured.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
 
@@ -257,8 +258,6 @@ def calibration_ids(
     the same calibrated export on every machine. The returned record names
     the data and its SHA-256.
     """
-    from ..data import calibration_text, text_sha256
-    from ..data.text import ByteTokenizer, load_tokenizer, read_text_source
 
     config = config or CalibrationConfig()
     if config.tokens < config.seq_len or config.seq_len < 2:

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .._version import __version__
 from ..contract.errors import DiJiangError
 from ..contract.statefile import SequenceState, StateFileError, check_same_model
 from .chunks import plan_chunks
@@ -121,7 +122,6 @@ class Session:
             self.restore(state)
 
     # -- state ----------------------------------------------------------------
-
     @property
     def position(self) -> int:
         return len(self.tokens)
@@ -205,7 +205,6 @@ class Session:
         return cls(model, SequenceState.from_bytes(data, expect=model.identity))
 
     # -- feeding --------------------------------------------------------------
-
     def append(self, tokens: Sequence[int] | str, logits: str = "last") -> np.ndarray | None:
         """Feed ``tokens`` (or text, tokenized without special tokens added).
 
@@ -252,7 +251,6 @@ class Session:
         return self.logits
 
     # -- generating -----------------------------------------------------------
-
     def generate(
         self,
         max_new_tokens: int = 64,
@@ -299,7 +297,6 @@ class Session:
         return sampler
 
     # -- chat -----------------------------------------------------------------
-
     def chat(self, content: str, role: str = "user", **generate: Any) -> GenerationOutput | SessionStream:
         """Add a message, feed only what it adds to the rendered conversation, and answer.
 
@@ -431,6 +428,4 @@ class _GenerationRun:
 
 
 def _created_by() -> str:
-    from .._version import __version__
-
     return f"dijiang-deploy {__version__} (python)"

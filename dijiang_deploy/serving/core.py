@@ -25,6 +25,7 @@ from ..contract.errors import DiJiangError
 from ..contract.statefile import SequenceState, StateFileError
 from ..runtime import Engine, Model, QueueFullError, Request, RequestOutput, SamplingParams
 from ..runtime.requests import EngineClosedError
+from .metrics import ServerMetrics
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, StateRequest
 from .state_cache import StateCache
 
@@ -91,7 +92,6 @@ class ServerCore:
         self._repairs: set[asyncio.Task] = set()
 
     # -- life cycle -------------------------------------------------------------
-
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
@@ -102,7 +102,6 @@ class ServerCore:
 
     def load(self) -> None:
         """Open the model and start the engine (slow: run it off the event loop)."""
-        from .metrics import ServerMetrics
 
         o = self.options
         try:
@@ -144,7 +143,6 @@ class ServerCore:
                            param="model", code="model_not_found")
 
     # -- tokens -------------------------------------------------------------------
-
     def _tokenizer(self):
         if self.model.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: send token ids", param="prompt", code="no_tokenizer")
@@ -175,7 +173,6 @@ class ServerCore:
             raise ApiError(400, str(exc), param="prompt") from exc
 
     # -- generation ---------------------------------------------------------------
-
     def _sampling(self, body, index: int) -> SamplingParams:
         seed = None if body.seed is None else body.seed + index
         try:
@@ -281,7 +278,6 @@ class ServerCore:
         task.add_done_callback(self._repairs.discard)
 
     # -- saved states (explicit sessions) --------------------------------------------
-
     def _saved_dir(self) -> Path | None:
         return None if self.options.state_dir is None else Path(self.options.state_dir) / "saved"
 
@@ -410,7 +406,6 @@ class Generation:
                 "prompt_tokens_details": {"cached_tokens": self.cached}}
 
     # -- responses ------------------------------------------------------------------
-
     def response(self) -> dict[str, Any]:
         chat = isinstance(self.body, ChatCompletionRequest)
         choices = []
