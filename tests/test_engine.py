@@ -248,3 +248,33 @@ def _rss() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def test_step_costs_fit_a_line_and_size_the_budget():
+    from dijiang_deploy.runtime.step_costs import StepCosts
+
+    costs = StepCosts()
+    assert costs.budget(2.0) == StepCosts.UNTIMED_BUDGET  # nothing timed yet
+    for n in (1, 4, 16, 64):
+        costs.prefilled(n, 0.020 + 0.002 * n)  # 20 ms fixed, 2 ms per position
+    a, b = costs.prefill_line()
+    assert a == pytest.approx(0.020, rel=1e-6) and b == pytest.approx(0.002, rel=1e-6)
+    costs.decoded(0.031)
+    # A prefill step may add (itl_ratio - 1) decode steps: (1.0 * 31 - 20) / 2 = 5.5 -> 5 positions.
+    assert costs.budget(2.0) == 5
+    assert costs.budget(1.5) == 1  # no room past the fixed cost: still one position a step
+    one = StepCosts()
+    one.prefilled(16, 0.032)  # a single step size: no intercept can be fitted
+    assert one.prefill_line() == (0.0, 0.002)
+
+
+def test_warm_up_times_the_prefill_shapes_so_the_first_chunk_is_sized_from_them(model):
+    with Engine(model, max_batch=2, prefill_rows=1) as cold:
+        assert cold.costs.prefill_line() is None
+    with Engine(model, max_batch=2, prefill_rows=1, warmup=True) as warm:
+        line = warm.costs.prefill_line()
+        assert line is not None and line[1] > 0
+        # Every prefill shape was timed: the fit spans 1 .. max_chunk positions.
+        w, sn = warm.costs._sums[0], warm.costs._sums[1]
+        assert sn / w > 1  # a mean above one position: more than the 1-token shape was seen
+        assert w > len(model.prefill_lengths) * 0.95 ** len(model.prefill_lengths) - 1e-9

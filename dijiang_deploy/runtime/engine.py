@@ -148,12 +148,26 @@ class Engine:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """Run each (rows, chunk length) shape of both lanes once, all padding (nothing changes)."""
+        """Run each (rows, chunk length) shape of both lanes once, all padding (nothing changes).
+
+        The prefill lane's shapes then run once more, timed, to seed the
+        step-cost estimates: without them the first prefill step beside
+        decoding streams is sized by a guess (``StepCosts.UNTIMED_BUDGET``)
+        and can be the longest gap those streams see. First runs allocate,
+        so they are not timed.
+        """
         for lane in (self._decode_lane, self._prefill_lane):
             for rows in lane.buckets:
                 for length in lane.lengths:
                     zeros = np.zeros((rows, length), np.int64)
                     lane.step(zeros, zeros)
+        lane = self._prefill_lane
+        for rows in lane.buckets:
+            for length in lane.lengths:
+                zeros = np.zeros((rows, length), np.int64)
+                t0 = time.perf_counter()
+                lane.step(zeros, zeros)
+                self.costs.prefilled(rows * length, time.perf_counter() - t0)
 
     # -- public API -----------------------------------------------------------
 
