@@ -322,3 +322,40 @@ def test_a_crashing_peer_is_reported_and_the_other_rows_written(tmp_path, monkey
     table = (out / "table.md").read_text()
     assert "| dijiang-ort-fp32 | 16 |" in table and "llamacpp-q4_1: crashed: killed by SIGSEGV" in table
     assert (out / "results.csv").read_text().count("dijiang-ort-fp32") == 2
+
+
+def test_step_breakdown_names_the_steps_inside_the_worst_gap():
+    from dijiang_deploy.bench.streams import step_breakdown
+
+    # Decode steps of 10 ms; the prompt arrives at t=0.05 and is fed in two
+    # chunks (8 then 4 positions) between decode steps; done at t=0.13.
+    steps = [(0.00, "decode", 1), (0.01, "decode", 1), (0.02, "decode", 1), (0.03, "decode", 1),
+             (0.04, "decode", 1), (0.05, "decode", 1), (0.08, "prefill", 8), (0.09, "decode", 1),
+             (0.11, "prefill", 4), (0.12, "decode", 1), (0.13, "decode", 1)]
+    during = [(0.04, 0.05, 0.09), (0.03, 0.09, 0.12)]  # (gap, start, end) of a stream's tokens
+    out = step_breakdown(steps, during, before_end=0.05, after_start=0.13)
+    assert out["worst_gap_steps"] == [
+        {"kind": "prefill", "length": 8, "ms": pytest.approx(30.0)},
+        {"kind": "decode", "length": 1, "ms": pytest.approx(10.0)},
+    ]
+    assert out["prefill_steps"] == 2 and out["prefill_chunk_lengths"] == {"8": 1, "4": 1}
+    assert out["decode_step_median_before_ms"] == pytest.approx(10.0)
+    assert out["decode_step_max_during_ms"] == pytest.approx(10.0)
+
+
+def test_streams_quick_run_explains_its_interference_gap(tmp_path):
+    out = tmp_path / "streams"
+    code = main(["bench", "--quick", "--streams", "1,2", "--context", "64", "--systems", "dijiang-ort-fp32",
+                 "--out", str(out), "--work-dir", str(tmp_path / "work"), "--threads", "1"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["streams"]: r for r in results["rows"]}
+    assert rows[2]["aggregate_tokens_per_s"] > 0 and rows[2]["peak_rss_bytes"] >= rows[1]["rss_before_bytes"]
+    (inter,) = results["interference"]
+    # All 64 prompt positions went through the prefill steps it counts.
+    fed = sum(int(n) * k for n, k in inter["prefill_chunk_lengths"].items())
+    assert fed >= 64 and sum(inter["prefill_chunk_lengths"].values()) == inter["prefill_steps"]
+    kinds = {s["kind"] for s in inter["worst_gap_steps"]}
+    assert kinds <= {"decode", "prefill"} and "decode" in kinds
+    assert sum(s["ms"] for s in inter["worst_gap_steps"]) <= inter["itl_max_during_ms"] + 1e3 * 0.05
+    assert "worst gap" in (out / "table.md").read_text()

@@ -23,6 +23,7 @@ Ratios are computed from one run: ``results.json``, ``table.md``/``.txt`` in ``-
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -112,7 +113,9 @@ def _interference(model, state, spec: dict[str, Any], rss_before: int) -> dict[s
     m, vocab = spec["streams"], model.vocab_size
     long_prompt = prompt_ids(spec["context"], vocab, spec["seed"] + 7)
     budget = spec.get("step_tokens")
-    with Engine(model, max_batch=m + 1, prefill_rows=1, step_tokens=budget, warmup=True) as engine:
+    steps: list[tuple[float, str, int]] = []  # (end time, kind, chunk length) of every graph run
+    with Engine(model, max_batch=m + 1, prefill_rows=1, step_tokens=budget, warmup=True,
+                on_step=lambda kind, _ids, length: steps.append((time.perf_counter(), kind, length))) as engine:
         handles = [engine.submit(Request([], 100000, start=state)) for _ in range(m)]
         first = iter(handles[0])
         for _ in range(spec["warmup_steps"] + spec["decode_steps"]):
@@ -132,18 +135,49 @@ def _interference(model, state, spec: dict[str, Any], rss_before: int) -> dict[s
         absolute = [t0 + x for x in o.token_seconds]
         pairs = list(zip(absolute[:-1], absolute[1:]))
         before += [b - a for a, b in pairs if b <= t_arrive and a >= absolute[spec["warmup_steps"]]]
-        during += [b - a for a, b in pairs if b > t_arrive and a < t_done]
+        during += [(b - a, a, b) for a, b in pairs if b > t_arrive and a < t_done]
     return {
+        **step_breakdown(steps, during, before_end=t_arrive, after_start=t_done),
         "streams": m,
         "prefill_tokens": len(long_prompt),
         "prefill_seconds": t_done - t_arrive,
         "prefill_first_token_seconds": out_long.first_token_seconds,
         "itl_median_before_ms": 1e3 * _percentile(before, 50),
-        "itl_max_during_ms": 1e3 * (max(during) if during else float("nan")),
-        "itl_median_during_ms": 1e3 * _percentile(during, 50),
+        "itl_max_during_ms": 1e3 * (max(g for g, _, _ in during) if during else float("nan")),
+        "itl_median_during_ms": 1e3 * _percentile([g for g, _, _ in during], 50),
         "gaps_during": len(during),
         "step_tokens": budget if budget is not None else "adaptive",
     }
+
+
+def step_breakdown(steps: list[tuple[float, str, int]], during: list[tuple[float, float, float]],
+                   before_end: float, after_start: float) -> dict[str, Any]:
+    """What the interference gaps are made of, from the engine's step log.
+
+    ``steps``: ``(end time, kind, chunk length)`` per graph run, in order; a
+    step's duration is the time since the previous one ended (the engine's
+    bookkeeping between runs included). ``during``: ``(gap, start, end)`` of
+    the decoding streams' gaps that overlap the prefill. Returns the steps
+    inside the worst gap, decode-step durations before and during the
+    prefill, and how many prefill steps of which chunk lengths it took.
+    """
+    timed = [(t1, t1 - t0, kind, n) for (t0, _, _), (t1, kind, n) in itertools.pairwise(steps)]
+    decode_before = [d for t, d, kind, _ in timed if kind == "decode" and t <= before_end]
+    decode_during = [d for t, d, kind, _ in timed if kind == "decode" and before_end < t <= after_start]
+    lengths: dict[str, int] = {}
+    for t, _, kind, n in timed:
+        if kind == "prefill" and before_end < t <= after_start:
+            lengths[str(n)] = lengths.get(str(n), 0) + 1
+    out: dict[str, Any] = {"prefill_steps": sum(lengths.values()), "prefill_chunk_lengths": lengths}
+    if decode_before:
+        out["decode_step_median_before_ms"] = 1e3 * _percentile(decode_before, 50)
+    if decode_during:
+        out["decode_step_median_during_ms"] = 1e3 * _percentile(decode_during, 50)
+        out["decode_step_max_during_ms"] = 1e3 * max(decode_during)
+    if during:
+        _, a, b = max(during)
+        out["worst_gap_steps"] = [{"kind": kind, "length": n, "ms": 1e3 * d} for t, d, kind, n in timed if a < t <= b]
+    return out
 
 
 def _kv_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +360,21 @@ def stream_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def _gap_line(r: dict[str, Any]) -> str:
+    """One line saying what the worst gap of an interference row consists of."""
+    if "worst_gap_steps" not in r:
+        return ""
+    parts = " + ".join((s["kind"] if s["kind"] == "decode" else f"prefill of {s['length']}") + f" {s['ms']:.1f} ms"
+                       for s in r["worst_gap_steps"])
+    lengths = ", ".join(f"{n} steps of {k}" for k, n in sorted(r["prefill_chunk_lengths"].items(), key=lambda x: int(x[0])))
+    dec = ""
+    if "decode_step_median_during_ms" in r:
+        dec = (f"; decode steps: median {r.get('decode_step_median_before_ms', float('nan')):.1f} ms before, "
+               f"{r['decode_step_median_during_ms']:.1f} during (max {r['decode_step_max_during_ms']:.1f})")
+    return (f"{r['system']}: worst gap {r['itl_max_during_ms']:.1f} ms = {parts}{dec}; "
+            f"{r['prefill_steps']} prefill steps ({lengths})")
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     m = meta.get("machine", {})
@@ -354,6 +403,7 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"| {r['system']} | {r['streams']} | {r['prefill_tokens']} | {r['prefill_seconds']:.1f} | "
                          f"{r['itl_median_before_ms']:.1f} | {r['itl_median_during_ms']:.1f} | {r['itl_max_during_ms']:.1f} | "
                          f"{r['step_tokens']} |")
+        lines += [""] + [f"- {line}" for line in (_gap_line(r) for r in results["interference"]) if line]
     if results["checks"]:
         lines += ["", "| target | measured | wanted | met |", "| --- | ---: | --- | --- |"]
         for c in results["checks"]:
