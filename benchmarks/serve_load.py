@@ -122,12 +122,15 @@ def main() -> int:
     parser.add_argument("--history", default="512,1024,2048,4096,8192")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="passed on to dijiang-deploy serve (repeat; e.g. --serve-arg=--step-tokens=256)")
     args = parser.parse_args()
     import openai
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = ["--max-batch", "16", "--max-queue", "256"] + (["--threads", str(args.threads)] if args.threads else [])
+    extra += args.serve_arg
     results: dict = {"export": str(args.export_dir), "command": " ".join(sys.argv), "load": [], "turns": []}
     from dijiang_deploy.bench.measure import machine_info
 

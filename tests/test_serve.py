@@ -306,3 +306,23 @@ def test_the_multi_turn_client_example_resumes_from_the_servers_state(server):
     cached1, cached2 = (int(u.split(", ")[1].split()[0]) for u in usage)
     # Turn 2 starts from what turn 1 left: its prompt and its answer come from the cache.
     assert cached2 == prompt1 + completion1 and cached2 > cached1
+
+
+def test_the_prefill_budget_flags_reach_the_engine(export):
+    from dijiang_deploy.cli import main
+    from dijiang_deploy.contract.errors import DiJiangError
+    from dijiang_deploy.serving.core import ServeOptions, ServerCore
+
+    core = ServerCore(ServeOptions(export_dir=export, step_tokens=8, itl_ratio=3.5, warmup=False))
+    core.load()
+    try:
+        assert core.error is None, core.error
+        assert core.engine.step_tokens == 8 and core.engine.itl_ratio == 3.5
+    finally:
+        core.close()
+    for bad in ({"step_tokens": 0}, {"itl_ratio": 1.0}):
+        with pytest.raises(DiJiangError, match="--step-tokens|--itl-ratio"):
+            ServerCore(ServeOptions(export_dir=export, **bad))
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(export), "--itl-ratio", "0.5"])
+    assert exc.value.code == 2

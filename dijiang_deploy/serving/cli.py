@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..cli_types import positive_float, positive_int
+from ..cli_types import float_in, positive_float, positive_int
 from ..contract.errors import DiJiangError
 
 API_KEY_ENV = "DIJIANG_API_KEY"
@@ -32,6 +32,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=16, help="requests running at once (default 16)")
     p.add_argument("--prefill-rows", type=positive_int, default=4, help="prompts fed at once (default 4)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting before 429 (default 64)")
+    p.add_argument("--step-tokens", type=positive_int, help="prompt positions fed per engine step while others decode "
+                   "(default: as many as keep each decoding stream's gap within --itl-ratio decode steps)")
+    p.add_argument("--itl-ratio", type=float_in(1.0, low_open=True), default=2.0, help="while prompts are fed, the decoding streams' "
+                   "largest gap in decode steps (default 2; larger: faster time to first token under load)")
     p.add_argument("--max-context", type=positive_int, help="most prompt + completion tokens per request (default: no limit)")
     p.add_argument("--state-cache-mib", type=int, default=1024, help="memory for cached conversation states "
                    "(default 1024; 0 disables the cache)")
@@ -68,7 +72,8 @@ def options_from_args(args: argparse.Namespace):
     return ServeOptions(
         export_dir=folder, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         model_name=args.model_name, max_batch=args.max_batch, prefill_rows=args.prefill_rows, max_queue=args.max_queue,
-        max_context=args.max_context, state_cache_mib=args.state_cache_mib,
+        max_context=args.max_context, step_tokens=args.step_tokens, itl_ratio=args.itl_ratio,
+        state_cache_mib=args.state_cache_mib,
         state_dir=Path(args.state_dir) if args.state_dir else None, threads=args.threads, backend=args.backend,
         providers=args.provider, request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mib * 2**20),
         grace_seconds=args.grace_seconds, allow_engine_host_code=args.allow_engine_host_code,

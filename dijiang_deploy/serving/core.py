@@ -48,6 +48,11 @@ class ServeOptions:
     prefill_rows: int = 4
     max_queue: int = 64
     max_context: int | None = None
+    #: Prefill token positions per engine step (None: sized by ``itl_ratio``).
+    step_tokens: int | None = None
+    #: While requests decode, a step that also feeds a prompt may take this
+    #: many decode steps' time (the engine's default budget; see ``Engine``).
+    itl_ratio: float = 2.0
     state_cache_mib: int = 1024
     state_dir: Path | None = None
     max_saved_states: int = 256
@@ -68,6 +73,10 @@ class ServeOptions:
         for name in ("max_batch", "prefill_rows", "max_queue", "max_saved_states", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise DiJiangError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.step_tokens is not None and self.step_tokens < 1:
+            raise DiJiangError(f"--step-tokens must be >= 1, got {self.step_tokens}")
+        if not self.itl_ratio > 1.0:
+            raise DiJiangError(f"--itl-ratio must be > 1, got {self.itl_ratio}")
         if self.state_cache_mib < 0:
             raise DiJiangError(f"--state-cache-mib must be >= 0, got {self.state_cache_mib}")
         if self.request_timeout <= 0 or self.grace_seconds < 0:
@@ -111,7 +120,8 @@ class ServerCore:
                 log.warning("%s has no tokenizer: only token-id prompts work", o.export_dir)
             self.model = model
             self.engine = Engine(model, max_batch=o.max_batch, prefill_rows=o.prefill_rows, max_queue=o.max_queue,
-                                 max_context=o.max_context, warmup=o.warmup)
+                                 max_context=o.max_context, step_tokens=o.step_tokens, itl_ratio=o.itl_ratio,
+                                 warmup=o.warmup)
             self.cache = StateCache(model.identity, o.state_cache_mib << 20, o.state_dir)
             self.metrics = ServerMetrics(lambda: (self.engine.running, self.engine.waiting), lambda: self.cache.stats)
             if o.state_dir is not None:

@@ -310,9 +310,11 @@ def build(args: dict[str, str]):
     for key in ("state_dir", "model_name"):
         if key in args:
             options[key] = args[key]
-    for key in ("max_batch", "max_queue", "state_cache_mib", "threads"):
+    for key in ("max_batch", "max_queue", "state_cache_mib", "threads", "step_tokens"):
         if key in args:
             options[key] = int(args[key])
+    if "itl_ratio" in args:
+        options["itl_ratio"] = float(args["itl_ratio"])
     autoscale = tuple(int(x) for x in args["autoscale"].split(":")) if "autoscale" in args else None
     return build_application(options, replicas=int(args.get("replicas", 1)), autoscale=autoscale,
                              replica_cpus=float(args.get("replica_cpus", 1)), replica_gpus=float(args.get("replica_gpus", 0)),
