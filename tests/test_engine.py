@@ -278,3 +278,39 @@ def test_warm_up_times_the_prefill_shapes_so_the_first_chunk_is_sized_from_them(
         w, sn = warm.costs._sums[0], warm.costs._sums[1]
         assert sn / w > 1  # a mean above one position: more than the 1-token shape was seen
         assert w > len(model.prefill_lengths) * 0.95 ** len(model.prefill_lengths) - 1e-9
+
+
+def test_decode_lanes_update_states_in_place_only_where_the_graph_allows_it(model):
+    graph = model.graph
+    # The inline graph's one-token branch reads each past state before it
+    # writes the present one; its chunk branch does not, and the check sees it.
+    assert graph.in_place_safe(1)
+    assert not graph.in_place_safe(16)
+    decode = model.lane(4, (1,))
+    assert decode.in_place and decode.buffer_nbytes() == model.manifest.state_bytes(4)
+    prefill = model.lane(4, model.prefill_lengths)
+    assert not prefill.in_place and prefill.buffer_nbytes() == 2 * model.manifest.state_bytes(4)
+    with pytest.raises(ValueError, match="in place"):
+        model.lane(2, (1, 16), in_place=True)
+
+
+def test_in_place_and_ping_pong_decode_agree_bit_for_bit(model):
+    rng = np.random.default_rng(5)
+    h, d1, d2 = model.manifest.state_shape
+    starts = [[(0.1 * rng.standard_normal((h, d1, d2))).astype(np.float32) for _ in range(model.manifest.num_layers)]
+              for _ in range(3)]
+    lanes = [model.lane(4, (1,), in_place=True), model.lane(4, (1,), in_place=False)]
+    for lane in lanes:
+        for i, layers in enumerate(starts):
+            lane.write_row(i, layers, position=10 + i)
+    for _ in range(6):
+        ids = rng.integers(0, model.vocab_size, (3, 1))
+        a, b = (np.array(lane.step(ids, np.ones_like(ids))) for lane in lanes)
+        assert np.array_equal(a, b)
+    lanes[0].move_row(2, 0)
+    lanes[1].move_row(2, 0)
+    for i in range(2):
+        for x, y in zip(lanes[0].read_row(i), lanes[1].read_row(i)):
+            assert np.array_equal(x, y)
+    # and the states really moved on from where they started
+    assert not np.array_equal(lanes[0].read_row(1)[0], starts[1][0])

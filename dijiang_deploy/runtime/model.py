@@ -126,9 +126,16 @@ class Model:
 
     # -- lanes and sessions ---------------------------------------------------
 
-    def lane(self, capacity: int, lengths: Sequence[int] | None = None):
-        """``capacity`` rows of state buffers for steps of the given chunk lengths."""
-        return self.graph.lane(capacity, lengths if lengths is not None else self.prefill_lengths)
+    def lane(self, capacity: int, lengths: Sequence[int] | None = None, in_place: bool | None = None):
+        """``capacity`` rows of state buffers for steps of the given chunk lengths.
+
+        ``in_place`` (ONNX Runtime lanes only; see :class:`.ort_backend.OrtLane`):
+        None lets the backend choose.
+        """
+        lengths = lengths if lengths is not None else self.prefill_lengths
+        if in_place is None:
+            return self.graph.lane(capacity, lengths)
+        return self.graph.lane(capacity, lengths, in_place=in_place)
 
     def session(self):
         """A new, empty :class:`~dijiang_deploy.runtime.session.Session`."""

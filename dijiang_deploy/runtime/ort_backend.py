@@ -3,9 +3,16 @@
 A :class:`OrtGraph` opens the step graph once. A :class:`OrtLane` is a set of
 ``capacity`` sequence rows with their state buffers, bound once per shape:
 a step runs the first ``k`` rows (padded up to a bucket of 1, 2, 4, ...
-rows, so few shapes ever exist) for one chunk length. States ping-pong
-between two buffer sets (a step reads one set and writes the other, so no
-output aliases an input). Nothing grows with the number of tokens.
+rows, so few shapes ever exist) for one chunk length. Nothing grows with the
+number of tokens.
+
+Where a step's new states may overwrite the states it reads, a lane keeps
+one buffer set and the step updates it in place; otherwise states ping-pong
+between two sets (a step reads one and writes the other). ONNX Runtime does
+not promise that an output may alias an input, so :meth:`OrtGraph.in_place_safe`
+decides it per graph by running a step both ways and comparing bit for bit.
+Decode lanes (one-token steps, the lanes whose rows grow with the number of
+streams) use it when it holds: one state per row instead of two.
 
 Rows beyond the first ``k`` are not touched by a step; padded rows (mask 0)
 pass their state through unchanged, bit for bit. The caller keeps the rows
@@ -87,6 +94,8 @@ class OrtGraph:
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One fixed node order: in_place_safe's verdict holds only for it.
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
@@ -103,8 +112,60 @@ class OrtGraph:
         self.quantization = self.manifest.check_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.logits_dtype = np.dtype(self.manifest.outputs[0].dtype)
 
-    def lane(self, capacity: int, lengths: Sequence[int] = (1,)) -> "OrtLane":
-        return OrtLane(self, capacity, lengths)
+        self._in_place: dict[int, bool] = {}
+
+    def lane(self, capacity: int, lengths: Sequence[int] = (1,), in_place: bool | None = None) -> "OrtLane":
+        return OrtLane(self, capacity, lengths, in_place)
+
+    def in_place_safe(self, length: int = 1) -> bool:
+        """Whether a step of ``length`` tokens may write its new states over the states it reads.
+
+        True when, in this session's node order, every node that reads a
+        layer's past state runs before the one that writes its present state.
+        Checked, not assumed: one step on random states runs out of place
+        twice (the two must agree bit for bit, or nothing can be concluded)
+        and then in place, and the logits and states must match exactly.
+        Cached per length. Always False on a CUDA device (unchecked there).
+        """
+        if length not in self._in_place:
+            self._in_place[length] = self.device == "cpu" and self._steps_agree_in_place(length)
+            log.debug("%s: in-place state update for %d-token steps: %s", self.folder, length, self._in_place[length])
+        return self._in_place[length]
+
+    def _steps_agree_in_place(self, length: int) -> bool:
+        ort = _import_ort()
+        m = self.manifest
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, m.vocab_size, (1, length), dtype=np.int64)
+        mask = np.ones((1, length), np.int64)
+        position = np.array([7], np.int64)
+        past = [(0.05 * rng.standard_normal((1, *m.state_shape))).astype(np.float32) for _ in range(m.num_layers)]
+
+        def run(states_in: list[np.ndarray], states_out: list[np.ndarray]) -> np.ndarray:
+            logits = np.zeros((1, 1 if m.logits == "last" else length, m.vocab_size), self.logits_dtype)
+            io = self.session.io_binding()
+            for name, value in (("input_ids", ids), ("attention_mask", mask), ("past_position", position)):
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+            for name, buf in zip(m.state_inputs, states_in):
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+            io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            for name, buf in zip(m.state_outputs, states_out):
+                io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            self.session.run_with_iobinding(io)
+            return logits
+
+        def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+            return all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b))
+
+        ref_states = [np.empty_like(x) for x in past]
+        ref = run(past, ref_states)
+        again_states = [np.empty_like(x) for x in past]
+        again = run(past, again_states)
+        if not same([ref, *ref_states], [again, *again_states]):
+            return False
+        shared = [x.copy() for x in past]
+        got = run(shared, shared)
+        return same([ref, *ref_states], [got, *shared])
 
 
 class OrtLane:
@@ -115,9 +176,18 @@ class OrtLane:
         capacity: rows (sequences) this lane holds.
         lengths: chunk lengths its steps use (each gets its own token and
             logits buffers; e.g. ``(1,)`` for decode only).
+        in_place: one buffer set updated in place (True), two that
+            ping-pong (False), or None: in place for a decode-only lane
+            (``lengths == (1,)``) where :meth:`OrtGraph.in_place_safe` holds.
+            Lanes with prefill lengths keep two sets by default: they hold a
+            few rows, so checking their chunk shapes would cost more than it
+            saves.
+
+    Raises:
+        ValueError: ``capacity`` < 1, or ``in_place=True`` where the check fails.
     """
 
-    def __init__(self, graph: OrtGraph, capacity: int, lengths: Sequence[int] = (1,)):
+    def __init__(self, graph: OrtGraph, capacity: int, lengths: Sequence[int] = (1,), in_place: bool | None = None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         m = graph.manifest
@@ -125,8 +195,13 @@ class OrtLane:
         self.capacity = capacity
         self.lengths = sorted(set(int(n) for n in lengths))
         self.buckets = buckets(capacity)
+        safe = (in_place is not False and (in_place or self.lengths == [1])
+                and all(graph.in_place_safe(n) for n in self.lengths))
+        if in_place and not safe:
+            raise ValueError(f"steps of {self.lengths} tokens cannot update states in place on this graph")
+        self.in_place = safe
         rows = _DeviceRows if graph.device == "cuda" else _HostRows
-        self._states = [rows(capacity, m.num_layers, m.state_shape) for _ in range(2)]
+        self._states = [rows(capacity, m.num_layers, m.state_shape) for _ in range(1 if safe else 2)]
         self._current = 0
         self.positions = np.zeros(capacity, np.int64)
         self._ids = {n: np.zeros((capacity, n), np.int64) for n in self.lengths}
@@ -162,6 +237,10 @@ class OrtLane:
     def state_nbytes(self, rows: int = 1) -> int:
         return self.manifest.state_bytes(rows)
 
+    def buffer_nbytes(self) -> int:
+        """Bytes of state buffers this lane holds: one or two sets of ``capacity`` rows."""
+        return len(self._states) * self.manifest.state_bytes(self.capacity)
+
     # -- stepping -------------------------------------------------------------
 
     def _binding(self, rows: int, length: int, src: int):
@@ -179,8 +258,9 @@ class OrtLane:
                 self._states[src].bind(io, name, i, rows, output=False)
             logits = self._logits[length][:rows]
             io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            out = (src + 1) % len(self._states)
             for i, name in enumerate(m.state_outputs):
-                self._states[1 - src].bind(io, name, i, rows, output=True)
+                self._states[out].bind(io, name, i, rows, output=True)
             self._bindings[key] = io
         return io
 
@@ -205,13 +285,13 @@ class OrtLane:
         self.graph.session.run_with_iobinding(io)
         # Rows past `rows` were not written: they hold no live sequence, and
         # write_row/move_row only ever touch the current side.
-        self._current = 1 - self._current
+        self._current = (self._current + 1) % len(self._states)
         self.positions[:k] += mask.sum(axis=1)
         return self._logits[length][:k]
 
 
 class _HostRows:
-    """One ping-pong side of a lane's states in host memory: per layer ``[capacity, H, d, d]``."""
+    """One set of a lane's states in host memory (one of two when they ping-pong): per layer ``[capacity, H, d, d]``."""
 
     def __init__(self, capacity: int, layers: int, shape: Sequence[int]):
         # np.zeros maps untouched pages lazily: a row costs memory once used.
