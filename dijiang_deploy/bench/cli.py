@@ -139,6 +139,8 @@ def _run_streams(args: argparse.Namespace) -> int:
     streams = parse_contexts(args.streams)
     if args.context < 2 or args.interference_streams < 1:
         raise DiJiangError("--context must be >= 2 and --interference-streams >= 1")
+    if args.rounds < 1:
+        raise DiJiangError(f"--rounds must be positive, got {args.rounds}")
     systems = parse_systems(args.systems) if args.systems else list(STREAM_SYSTEMS)
     unknown = [s for s in systems if s not in STREAM_SYSTEMS]
     if unknown:
@@ -149,6 +151,7 @@ def _run_streams(args: argparse.Namespace) -> int:
         interference_streams=args.interference_streams, threads=args.threads, quick=args.quick,
         work_dir=Path(args.work_dir) if args.work_dir else None,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, timeout=args.timeout, seed=args.seed,
+        rounds=args.rounds,
     )
     run_streams(opts)
     print((opts.out / "table.txt").read_text(), end="")
