@@ -146,7 +146,7 @@ DEFERRED_IMPORTS_ALLOWED: dict[str, str] = {
     "bench/kv_export.py": "the softmax baseline's base model (random or GGUF) loads only when asked for",
     "runtime/model.py": "the TensorRT backend (optional) loads only when chosen",
     "runtime/trt_lane.py": "the same",
-    "runtime/ort_backend.py": "the reference custom op needs onnxruntime-extensions (test extra)",
+    "runtime/ort_backend.py": "only the plugin flavor rewrites its graph: onnx and onnxruntime-extensions (test extra), which the runtime otherwise never imports",
     "serving/ray_app.py": "runs on Ray replicas, which import the server core in their own process",
     "export/quantized.py": "export/graph.py imports this module",
     "finetune/perplexity.py": "scores an export folder only when given one",

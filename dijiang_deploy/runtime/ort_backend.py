@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,12 +101,17 @@ class OrtGraph:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
         model_arg: str | bytes = str(path)
+        scratch: Path | None = None
         if self.manifest.flavor == "plugin":
             model_arg = _plugin_graph_for_ort(path, so)
+            scratch = Path(model_arg) if isinstance(model_arg, str) else None
         try:
             self.session = ort.InferenceSession(model_arg, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:300]})") from exc
+        finally:
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
         graph_in = [(i.name, _np_name(i.type), i.shape) for i in self.session.get_inputs()]
         graph_out = [(o.name, _np_name(o.type), o.shape) for o in self.session.get_outputs()]
         self.manifest.check_graph(graph_in, graph_out)
@@ -399,8 +405,17 @@ class _cudart:
             raise BackendUnavailableError("cudaMemset failed")
 
 
-def _plugin_graph_for_ort(path: Path, so) -> bytes:
-    """Route plugin nodes to the numpy reference op (onnxruntime-extensions)."""
+def _plugin_graph_for_ort(path: Path, so) -> str | bytes:
+    """Route plugin nodes to the numpy reference op (onnxruntime-extensions).
+
+    Only the graph is loaded and rewritten; the weights stay in the export's
+    external data files (a model past 2 GiB cannot be serialised in one
+    piece, and need not be copied). ONNX Runtime reads external data only
+    from the folder of the graph file it opens, so the rewritten graph goes
+    to a hidden file in the export folder, whose path is returned for the
+    caller to delete once the session exists; a read-only folder gets the
+    graph as bytes instead (weights inline: models under 2 GiB only).
+    """
     import onnx  # only this flavor rewrites the graph; the runtime otherwise needs no onnx
 
     from .reference_op import register_python_custom_op
@@ -412,7 +427,7 @@ def _plugin_graph_for_ort(path: Path, so) -> bytes:
             "this export uses the 'plugin' attention op, which ONNX Runtime runs only through "
             "onnxruntime-extensions (pip install onnxruntime-extensions) or TensorRT with the plugin library"
         )
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     gated = any(
         a.name == "update_rule" and a.s == b"gated" for n in model.graph.node if n.op_type == OP_TYPE for a in n.attribute
     )
@@ -426,7 +441,42 @@ def _plugin_graph_for_ort(path: Path, so) -> bytes:
             node.attribute.extend(keep)
     model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     so.register_custom_ops_library(get_library_path())
-    return model.SerializeToString()
+    if not _external_locations(model.graph):
+        return model.SerializeToString()
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.ort-plugin-", suffix=".onnx", dir=path.parent)
+    except OSError:  # a read-only folder: weights inline, as far as protobuf allows
+        from google.protobuf.message import EncodeError
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
+        try:
+            return model.SerializeToString()
+        except EncodeError as exc:
+            raise ExportError(f"{path.parent}: ONNX Runtime runs the plugin flavor of a model past 2 GiB only from a "
+                              "writable export folder (a rewritten graph is written beside the weights)") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+    except OSError:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return name
+
+
+def _external_locations(graph) -> set[str]:
+    """Files the tensors of ``graph`` and its subgraphs keep their data in."""
+    tensors = list(graph.initializer)
+    found: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += [attr.t] if attr.HasField("t") else []
+            tensors += list(attr.tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found |= _external_locations(sub)
+    for t in tensors:
+        found |= {e.value for e in t.external_data if e.key == "location"}
+    return found
 
 
 def _np_name(onnx_type: str) -> str:
