@@ -325,12 +325,15 @@ def merge_stream_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         ranked = sorted(items, key=key)
         return dict(ranked[(len(ranked) - 1) // 2])
 
-    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for rnd in rounds:
-        for row in rnd["rows"]:
-            rows.setdefault((row["system"], row["streams"]), []).append(row)
+    def grouped(part: str, key) -> list[list[dict[str, Any]]]:
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for rnd in rounds:
+            for item in rnd[part]:
+                groups.setdefault(key(item), []).append(item)
+        return list(groups.values())
+
     merged_rows = []
-    for got in rows.values():
+    for got in grouped("rows", lambda r: (r["system"], r["streams"])):
         ok = [r for r in got if "aggregate_tokens_per_s" in r]
         if not ok:
             merged_rows.append(got[0])
@@ -339,12 +342,8 @@ def merge_stream_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
         row["rounds_aggregate_tokens_per_s"] = [r["aggregate_tokens_per_s"] for r in ok]
         merged_rows.append(row)
-    inter: dict[str, list[dict[str, Any]]] = {}
-    for rnd in rounds:
-        for row in rnd["interference"]:
-            inter.setdefault(row["system"], []).append(row)
     merged_inter = []
-    for got in inter.values():
+    for got in grouped("interference", lambda r: r["system"]):
         ok = [r for r in got if "itl_max_during_ms" in r and r["itl_median_before_ms"] > 0]
         if not ok:
             merged_inter.append(got[0])
@@ -352,12 +351,8 @@ def merge_stream_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         row = middle(ok, lambda r: r["itl_max_during_ms"] / r["itl_median_before_ms"])
         row["rounds_worst_gap_ratio"] = [r["itl_max_during_ms"] / r["itl_median_before_ms"] for r in ok]
         merged_inter.append(row)
-    checks: dict[str, list[dict[str, Any]]] = {}
-    for rnd in rounds:
-        for c in rnd["checks"]:
-            checks.setdefault(c["check"], []).append(c)
     merged_checks = []
-    for got in checks.values():
+    for got in grouped("checks", lambda c: c["check"]):
         values = [c["value"] for c in got]
         c = dict(got[0], value=float(np.median(values)), rounds=values)
         if c["passed"] is not None:
