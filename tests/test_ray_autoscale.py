@@ -44,15 +44,20 @@ def test_autoscaling_stays_within_its_bounds(export):
         done = threading.Event()
 
         def load(i: int) -> None:
-            httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny-smol", "prompt": f"Go {i}", "max_tokens": 300},
-                       headers={"x-session-id": f"load{i}"}, timeout=300)
+            # Requests in a row until the sampling ends: a fixed batch of them can
+            # finish before the autoscaler's upscale delay has passed.
+            while not done.is_set():
+                httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny-smol", "prompt": f"Go {i}", "max_tokens": 300},
+                           headers={"x-session-id": f"load{i}"}, timeout=300)
 
         threads = [threading.Thread(target=load, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
-        deadline = time.time() + 90
-        while time.time() < deadline and any(t.is_alive() for t in threads):
+        deadline, settle = time.time() + 90, None
+        while time.time() < deadline and (settle is None or time.time() < settle):
             seen.append(replicas())
+            if settle is None and 2 in seen:
+                settle = time.time() + 10  # keep loading a while: it must not pass the maximum
             time.sleep(0.5)
         done.set()
         for t in threads:
