@@ -88,7 +88,7 @@ def _export(ckpt: Path, out: Path, *flags: str) -> float:
     # the graph is rewritten for it, the weights stay in external data.
     ("plugin", ["--attention-op", "plugin"], 1.6),
 ])
-def test_export_past_2_gib_runs_and_matches_pytorch(checkpoint, tmp_path, name, flags, peak_limit):
+def test_export_past_2_gib_runs_and_matches_pytorch(checkpoint, tmp_path, monkeypatch, name, flags, peak_limit):
     from dijiang_deploy.contract.manifest import Manifest
     from dijiang_deploy.runtime import Model
 
@@ -113,6 +113,21 @@ def test_export_past_2_gib_runs_and_matches_pytorch(checkpoint, tmp_path, name, 
     ratio = peak / checkpoint["bytes"]
     print(f"{name}: export peak RSS {peak / 2**30:.2f} GiB = {ratio:.2f}x the weights")
     assert ratio <= peak_limit, ratio
+    if name == "plugin":
+        # A folder it cannot write in (simulated: tests may run as root, which
+        # ignores modes) leaves no room for the rewritten graph beside the
+        # weights, and past 2 GiB they cannot go inline: a clear error.
+        from dijiang_deploy.contract.errors import ExportError
+        from dijiang_deploy.runtime import ort_backend
+
+        def read_only(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(out))
+
+        del model, s
+        gc.collect()
+        monkeypatch.setattr(ort_backend.tempfile, "mkstemp", read_only)
+        with pytest.raises(ExportError, match="writable export folder"):
+            Model.open(out, load_tokenizer=False)
 
 
 def test_default_int4_export_quantizes_the_large_head(checkpoint, tmp_path):
