@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -175,6 +176,32 @@ def test_cli_verify_and_errors(tmp_path, capsys):
     assert "--quantize-head applies to --weights int8/int4" in capsys.readouterr().err and not (tmp_path / "f").exists()
     assert main(["export", str(ck), "-o", str(tmp_path / "g"), "--attention-op", "fast"]) == 2
     assert "--attention-op must be one of auto" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_float64_check_judges_memory_by_what_is_available_not_free_pages(tmp_path, monkeypatch):
+    """Right after an export the page cache holds the files just written, so
+    free pages can be a sliver of the memory the kernel would hand out; the
+    float64 check goes by MemAvailable, and only real scarcity stops it."""
+    from dijiang_deploy import verify as verify_module
+    from dijiang_deploy.checkpoint import save_checkpoint
+    from dijiang_deploy.contract.errors import DiJiangError
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  24000000 kB\nMemFree:     1000 kB\nMemAvailable: 20000000 kB\n")
+    assert verify_module.available_memory(meminfo) == 20000000 * 1024
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
+    assert verify_module.available_memory(tmp_path / "absent") == os.sysconf("SC_PAGE_SIZE")
+
+    ck = save_checkpoint(random_model("gpt_neox", seed=2), tmp_path / "ck")
+    other = save_checkpoint(random_model("gpt_neox", seed=3), tmp_path / "other")
+    assert main(["export", str(ck), "-o", str(tmp_path / "onnx"), "--max-chunk", "8"]) == 0
+    # The kernel reports one free page; the check still runs, on the real MemAvailable.
+    report = verify_module.verify(tmp_path / "onnx", other, tokens=24, greedy_tokens=4)
+    assert report.float64 is not None and not report.ok
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 1 << 20)
+    with pytest.raises(DiJiangError, match=r"float64 reference .* needs .* GiB \(0\.0 GiB free\)"):
+        verify_module.verify(tmp_path / "onnx", other, tokens=24, greedy_tokens=4)
 
 
 @requires_smollm2
