@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .config import ModelConfig
-from .contract.atomic import atomic_dir
+from .contract.atomic import atomic_dir, give_new_file_mode
 from .contract.errors import CheckpointError
 from .contract.names import TOKENIZER_FILES
 from .modeling.layers import RotaryEmbedding
@@ -206,6 +206,15 @@ def split_by_bytes(
     return files
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` as safetensors, readable as the umask allows (not owner-only)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    give_new_file_mode(path)
+    return Path(path)
+
+
 def save_checkpoint(
     model: DiJiangForCausalLM,
     out_dir: str | Path,
@@ -224,8 +233,6 @@ def save_checkpoint(
     tensors, so no second copy of the weights is made. Tokenizer files are
     copied from ``tokenizer_dir`` or written by ``tokenizer.save_pretrained``.
     """
-    from safetensors.torch import save_file
-
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     out = Path(out_dir)
@@ -236,12 +243,12 @@ def save_checkpoint(
         shards = split_by_bytes(state, max_shard_bytes)
         metadata = {"format": "pt", "producer": "dijiang-deploy"}
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=metadata)
+            save_safetensors(shards[0], str(tmp / "model.safetensors"), metadata=metadata)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata=metadata)
+                save_safetensors(shard, str(tmp / name), metadata=metadata)
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

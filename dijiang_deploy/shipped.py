@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import split_by_bytes
+from .checkpoint import save_safetensors, split_by_bytes
 from .contract.atomic import atomic_dir
 from .contract.digest import file_sha256
 from .contract.errors import CheckpointError, DiJiangError
@@ -184,8 +184,6 @@ def write_delta(
     checked when the delta is applied). ``record``: how the conversion was
     trained, stored in the manifest and in converted checkpoints' configs.
     """
-    from safetensors.torch import save_file
-
     tensors, entries = encode_delta(trained, untrained)
     # The parts of one tensor (b/a, q/scale) go to the same file: the manifest names one file per tensor.
     ordered = {k: tensors[k] for k in sorted(tensors, key=lambda k: (k.rsplit("/", 1)[0], k))}
@@ -195,7 +193,7 @@ def write_delta(
         listed = []
         for i, chunk in enumerate(files, 1):
             fname = f"delta-{i:05d}-of-{len(files):05d}.safetensors"
-            save_file(chunk, str(tmp / fname))
+            save_safetensors(chunk, str(tmp / fname))
             listed.append({"name": fname, "bytes": (tmp / fname).stat().st_size, "sha256": file_sha256(tmp / fname)})
             for key in chunk:
                 entries[key.rsplit("/", 1)[0]]["file"] = fname

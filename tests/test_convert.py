@@ -72,6 +72,19 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("shard_bytes", [1 << 40, 1 << 14])
+def test_weights_are_as_readable_as_the_config(tmp_path, shard_bytes):
+    """safetensors writes owner-only files; a checkpoint in a shared folder
+    must be readable wherever its config.json is (the umask decides both)."""
+    out = save_checkpoint(random_model("gpt_neox"), tmp_path / "out", max_shard_bytes=shard_bytes)
+    weights = sorted(out.glob("*.safetensors"))
+    assert (len(weights) == 1) == (shard_bytes > 1 << 20), [w.name for w in weights]
+    want = (out / "config.json").stat().st_mode & 0o777
+    assert want & 0o044, "the umask here leaves files group/other-readable: the check means something"
+    assert [(w.name, w.stat().st_mode & 0o777) for w in weights] == [(w.name, want) for w in weights]
+    assert not list(out.glob(".*")), "no probe file is left behind"
+
+
 def test_convert_cli_from_hf_folder(tmp_path, capsys):
     base = random_base("llama", seed=2)
     src = tmp_path / "base"

@@ -100,3 +100,21 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+
+def give_new_file_mode(path: str | Path) -> None:
+    """Set ``path``'s mode to what a plain new file gets here (0666 less the umask).
+
+    For files that a library creates owner-only (safetensors writes 0600):
+    a checkpoint in a shared folder would be unreadable to the team, or to a
+    server running as another user, while the config beside it is not. The
+    mode is learned from a probe file, since reading the umask means setting it.
+    """
+    path = Path(path)
+    probe = _sibling(path, "mode")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        path.chmod(probe.stat().st_mode & 0o777)
+    finally:
+        probe.unlink()
