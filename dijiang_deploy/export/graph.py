@@ -267,7 +267,7 @@ def trace(model: DiJiangForCausalLM, options: ExportOptions, as_program: bool = 
     register_schema()
     cfg = model.config
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
-    if dtype != torch.float32:
+    if dtype != torch.float32 and model.head.weight.dtype != dtype:
         model = copy.deepcopy(model).cast(dtype)
     graph = StepGraph(model, options)
     batch, seq = 2, 3
@@ -467,7 +467,12 @@ def export_checkpoint(
 ) -> Manifest:
     """Load a DiJiang checkpoint folder and export it (see :func:`export_model`)."""
     model_dir = Path(model_dir)
-    model = load_model(model_dir)
+    options = options or ExportOptions()
+    # A traced fp16 export casts the model before tracing; loaded as fp16 it
+    # is held once, not as float32 plus a half copy (the inline builder and
+    # the quantizers round from float32 themselves).
+    half = options.weight_format == "fp16" and options.attention_op != "inline"  # auto is traced for fp16
+    model = load_model(model_dir, dtype=torch.float16 if half else torch.float32)
     source = {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)}
     return export_model(model, out_dir, options, tokenizer_dir=model_dir, source=source, overwrite=overwrite)
 

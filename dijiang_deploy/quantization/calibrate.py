@@ -195,7 +195,11 @@ def calibrate_for_quantization(
 
     if ids.ndim != 2 or ids.numel() == 0:
         raise DiJiangError(f"calibration ids must be a non-empty [S, L] tensor, got shape {tuple(ids.shape)}")
-    model = copy.deepcopy(model).float().eval()
+    # No group reads or folds into the embedding or the head, so the copy
+    # shares them (float32 only: .float() would convert a shared tensor in
+    # place): a model whose size is mostly vocabulary is not held twice.
+    shared = {id(t): t for t in (model.body.embed.weight, model.head.weight) if t.dtype == torch.float32}
+    model = copy.deepcopy(model, memo=shared).float().eval()
     groups = _groups(model)
     captured: dict[tuple[int, str], list[torch.Tensor]] = {}
     handles = []
@@ -207,7 +211,8 @@ def calibrate_for_quantization(
             handles.append(g.reader.register_forward_pre_hook(hook))
     try:
         for row in ids:
-            model(row[None], mode="chunked")
+            # Only the layers' inputs are wanted: the head runs on one position, not on a [L, vocab] block.
+            model.step(row[None], model.new_state(1), mode="chunked", last_logits_only=True)
     finally:
         for h in handles:
             h.remove()
