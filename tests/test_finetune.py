@@ -430,6 +430,31 @@ def test_stage2_attention_leaves_mlps_and_other_base_weights_untouched(trained, 
     assert json.loads((out.out_dir / "finetune.json").read_text())["settings"]["stage2"]["hidden_weight"] == 1.0
 
 
+def test_stage2_adapters_train_the_mlps_at_low_rank_and_the_norms(trained, tmp_path):
+    """``adapters``: the MLPs learn, but each of their matrices moves by at most
+    the adapters' rank (so a trained conversion still ships as a small delta)."""
+    cfg = small_config()
+    cfg.stage2 = dataclasses.replace(cfg.stage2, train="adapters")
+    out = finetune(trained["dir"], tmp_path / "ft", data=trained["train"], teacher=trained["teacher"],
+                   steps=6, lora_rank=2, progress=False, config=cfg)
+    before, after = read_weights(trained["dir"]), read_weights(out.out_dir)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    mlp = [k for k in changed if ".mlp." in k and after[k].dim() == 2]
+    assert mlp and any("layernorm" in k for k in changed), changed
+    assert not any("embed" in k or "lm_head" in k for k in changed), changed
+    from dijiang_deploy.shipped import _lowrank
+
+    for k in mlp:
+        # What the shipped delta needs: factors of rank <= 2 that give back the change
+        # (up to the float32 rounding of the merge), where a full update has rank 64.
+        factors = _lowrank(after[k].double() - before[k].double(), 2)
+        assert factors is not None and factors[0].shape[1] <= 2 < min(after[k].shape), k
+    with pytest.raises(DiJiangError, match="needs lora_rank"):
+        finetune(trained["dir"], tmp_path / "ft0", data=trained["train"], teacher=trained["teacher"],
+                 steps=2, lora_rank=0, progress=False, config=cfg)
+    assert not (tmp_path / "ft0").exists()
+
+
 @pytest.mark.parametrize("field, value", [("train", "mlp"), ("hidden_weight", -1.0), ("ce_weight", float("nan"))])
 def test_stage2_config_rejects_bad_fields(field, value):
     from dijiang_deploy.finetune.config import Stage2Config

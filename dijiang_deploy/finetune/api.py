@@ -20,7 +20,7 @@ from ..modeling.model import DiJiangForCausalLM
 from .config import FinetuneConfig
 from ..data.text import DataError, load_tokenizer, read_text_source
 from .data import PROMPTS, builtin_corpus, pack
-from .lora import add_adapters, merge_adapters
+from .lora import MLP_PROJECTIONS, add_adapters, merge_adapters
 from .perplexity import evaluate
 from ..quantization.grid import RECORD_KEY as QUANT_RECORD_KEY, QuantAwareConfig, WeightGrid
 from .stages import SAVE_RESERVE_S, Saver, TrainingRun, autocast_enabled, run_stage
@@ -256,6 +256,9 @@ def finetune(
     if cfg.lora_rank > 0:
         for i, attn in enumerate(layers):
             add_adapters(attn, cfg.lora_rank, seed=seed * 1000 + i)
+    if cfg.stage2.train == "adapters":
+        for i, layer in enumerate(student.body.layers):
+            add_adapters(layer.mlp, cfg.lora_rank, MLP_PROJECTIONS, seed=seed * 1000 + 500 + i)
     grid = WeightGrid(student, cfg.quant_aware) if cfg.quant_aware is not None else None
     # Moved after the adapters and the grid are attached: Module.to keeps the
     # Parameter objects, so the grid's and the optimizer's references hold.
@@ -295,6 +298,8 @@ def _settings(
         raise DiJiangError(f"lora_rank must be >= 0, got {lora_rank}")
     cfg.seed, cfg.lora_rank = seed, lora_rank
     cfg.stage2.enabled = bool(stage2)
+    if cfg.stage2.train == "adapters" and lora_rank < 1:
+        raise DiJiangError("stage 2 train='adapters' needs lora_rank >= 1 (the rank of the MLPs' adapters)")
     if quant_aware is not None:
         cfg.quant_aware = quant_aware
     if cfg.quant_aware is not None:

@@ -10,7 +10,7 @@ from ..cli_types import float_in, int_at_least, positive_float, positive_int
 
 
 #: config.STAGE2_TRAIN, spelled out so that building the parser needs no torch.
-STAGE2_TRAIN = ("all", "attention", "dijiang")
+STAGE2_TRAIN = ("all", "attention", "adapters", "dijiang")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -106,7 +106,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stage2-train", choices=STAGE2_TRAIN, default="all",
         help="what stage 2 trains: all (attention, MLPs and norms), attention (MLPs frozen: with --lora-rank the "
-        "result ships as a small delta, see `convert --model smollm2`), dijiang (only the new parameters)",
+        "result ships as a small delta, see `convert --model smollm2`), adapters (needs --lora-rank: the MLPs through "
+        "adapters too, and the norms; still a small delta), dijiang (only the new parameters)",
     )
     p.add_argument(
         "--hidden-weight", type=float_in(0.0, 100.0), default=0.0,

@@ -185,7 +185,10 @@ class Stage2Config:
             and norms of every layer (embeddings and head stay frozen);
             ``dijiang`` only the new parameters. ``attention`` with adapters
             leaves every base matrix but q/k/v/o untouched, which is what
-            lets a trained conversion ship as a small delta.
+            lets a trained conversion ship as a small delta; ``adapters``
+            (needs adapters) also trains the MLPs, through rank-R adapters
+            on their projections, and the layers' norms, and still ships as
+            a small delta.
         hidden_weight: weight of the per-layer hidden-state term: the mean
             over layers of the relative MSE between the student's attention
             input (after the layer's norm) and the teacher's cached one,
@@ -212,7 +215,7 @@ class Stage2Config:
 
 
 #: What stage 2 may train (see :class:`Stage2Config`).
-STAGE2_TRAIN = ("all", "attention", "dijiang")
+STAGE2_TRAIN = ("all", "attention", "adapters", "dijiang")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Low-rank adapters on the attention projections, merged back before saving.
+"""Low-rank adapters on the attention (and optionally MLP) projections, merged back before saving.
 
 While training, ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (LLaMA) or
-``query_key_value``/``dense`` (GPT-NeoX) are wrapped in :class:`LoRALinear`;
+``query_key_value``/``dense`` (GPT-NeoX), and with stage 2's ``adapters``
+mode the MLP projections, are wrapped in :class:`LoRALinear`;
 :func:`merge_adapters` folds ``W += scale * B @ A`` into the frozen weight and
 puts the plain :class:`torch.nn.Linear` back, so the saved checkpoint has the
 same tensor names and shapes as a converted one.
@@ -17,6 +18,7 @@ from torch import nn
 from ..modeling.attention import DiJiangAttention
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "dense")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h")
 
 
 class LoRALinear(nn.Module):
@@ -64,15 +66,15 @@ class LoRALinear(nn.Module):
 
 
 def add_adapters(
-    attn: DiJiangAttention, rank: int, names: tuple[str, ...] = ATTENTION_PROJECTIONS, seed: int = 0
+    module: DiJiangAttention | nn.Module, rank: int, names: tuple[str, ...] = ATTENTION_PROJECTIONS, seed: int = 0
 ) -> list[nn.Parameter]:
-    """Wrap ``attn``'s projections named in ``names``; returns the new parameters."""
+    """Wrap ``module``'s projections named in ``names``; returns the new parameters."""
     params: list[nn.Parameter] = []
     for i, name in enumerate(names):
-        lin = getattr(attn, name, None)
+        lin = getattr(module, name, None)
         if isinstance(lin, nn.Linear):
             wrapped = LoRALinear(lin, rank, seed=seed * 7919 + i)
-            setattr(attn, name, wrapped)
+            setattr(module, name, wrapped)
             params += [wrapped.lora_A, wrapped.lora_B]
         elif isinstance(lin, LoRALinear):
             params += [lin.lora_A, lin.lora_B]

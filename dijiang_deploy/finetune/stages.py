@@ -94,9 +94,15 @@ def param_groups(
     for name, p in model.named_parameters():
         leaf = name.split(".self_attn.")[-1].split(".attention.")[-1]
         if ".self_attn." not in name and ".attention." not in name:
-            # Stage 2 "all": MLPs and norms of every layer too (not embeddings/head).
-            if stage == 2 and s2.train == "all" and ".layers." in name and "lora_" not in name:
-                base.append(p)
+            # Stage 2 "all": MLPs and norms of every layer too (not embeddings/head);
+            # "adapters": the MLPs' adapters (their matrices stay frozen) and the norms.
+            if stage == 2 and ".layers." in name:
+                if s2.train == "all" and "lora_" not in name:
+                    base.append(p)
+                elif s2.train == "adapters" and "lora_" in name:
+                    lora.append(p)
+                elif s2.train == "adapters" and p.dim() == 1 and ".mlp." not in name:
+                    base.append(p)
             continue
         if leaf in _NEW:
             new.append(p)
@@ -110,7 +116,7 @@ def param_groups(
                 base.append(p)
             elif stage == 1 and s1.train_v and proj == "v_proj":
                 base.append(p)
-            elif stage == 2 and s2.train in ("attention", "all"):
+            elif stage == 2 and s2.train in ("attention", "adapters", "all"):
                 base.append(p)
     if stage == 2 and s2.train == "dijiang":
         lora = []
