@@ -102,7 +102,6 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
         raise
 
 
-
 def give_new_file_mode(path: str | Path) -> None:
     """Set ``path``'s mode to what a plain new file gets here (0666 less the umask).
 
