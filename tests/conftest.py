@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """``mktemp`` for module-scoped fixtures; the folders go when the module's tests end.
+
+    pytest keeps every folder of a run until the run ends (function-scoped
+    ``tmp_path`` aside, see ``tmp_path_retention_policy``). The suite exports
+    SmolLM2 and 2 GiB models in many modules; kept to the end, those folders
+    add up to more disk than a CI machine may have.
+    """
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["gpt_neox", "llama"])

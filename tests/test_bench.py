@@ -16,8 +16,8 @@ from dijiang_deploy.contract.errors import DiJiangError
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "out"
+def quick_run(module_tmp):
+    out = module_tmp("bench") / "out"
     code = main(
         [
             "bench",

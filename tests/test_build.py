@@ -28,17 +28,17 @@ PLUGIN = "/opt/dijiang/libdijiang_trt_plugins.so"
 
 
 @pytest.fixture(scope="module")
-def plugin_export(tmp_path_factory) -> Path:
+def plugin_export(module_tmp) -> Path:
     """The tiny llama model exported with the plugin flavor (fp32, max_chunk 64)."""
-    out = tmp_path_factory.mktemp("export") / "tiny_plugin"
+    out = module_tmp("export") / "tiny_plugin"
     export_model(random_model("llama"), out, ExportOptions(attention_op="plugin"))
     return out
 
 
 @pytest.fixture(scope="module")
-def la_export(tmp_path_factory) -> Path:
+def la_export(module_tmp) -> Path:
     """The same model (same seed) exported with the linear-attention flavor."""
-    out = tmp_path_factory.mktemp("export") / "tiny_la"
+    out = module_tmp("export") / "tiny_la"
     export_model(random_model("llama"), out, ExportOptions(attention_op="linear-attention"))
     return out
 

@@ -108,9 +108,9 @@ def test_ort_rtn_is_what_the_export_holds(bits, symmetric):
 
 
 @pytest.fixture(scope="module")
-def outlier_exports(tmp_path_factory):
+def outlier_exports(module_tmp):
     model = _plant_outliers(random_model("llama", seed=11))
-    root = tmp_path_factory.mktemp("calib")
+    root = module_tmp("calib")
     out = {"model": model}
     for name, calibrate in (("rtn", False), ("calibrated", True)):
         opts = ExportOptions(weights="int4", logits="all", quantize_head=False, calibrate=calibrate, calibration_tokens=256)

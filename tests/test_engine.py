@@ -18,8 +18,8 @@ from dijiang_deploy.testing import random_model
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Model:
-    folder = tmp_path_factory.mktemp("engine") / "llama"
+def model(module_tmp) -> Model:
+    folder = module_tmp("engine") / "llama"
     export_model(random_model("llama", seed=11), folder, ExportOptions(max_chunk=32))
     return Model.open(folder, load_tokenizer=False, threads=1)
 

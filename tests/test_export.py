@@ -23,13 +23,13 @@ def models():
 
 
 @pytest.fixture(scope="module")
-def exports(models, tmp_path_factory):
+def exports(models, module_tmp):
     """family -> attention op -> export folder (logits=all, chunk 16)."""
     out = {}
     for fam, model in models.items():
         out[fam] = {}
         for flavor in ("linear-attention", "function", "plugin", "inline"):
-            folder = tmp_path_factory.mktemp("exp") / f"{fam}-{flavor}"
+            folder = module_tmp("exp") / f"{fam}-{flavor}"
             export_model(model, folder, ExportOptions(attention_op=flavor, logits="all", max_chunk=16))
             out[fam][flavor] = folder
     return out

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    return tiny_student(tmp_path_factory.mktemp("ft"))
+def trained(module_tmp) -> dict:
+    return tiny_student(module_tmp("ft"))
 
 
 # -- teacher -------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,28 @@ pytestmark = pytest.mark.slow
 
 VOCAB = 1_100_000
 PROMPT = [5, 900_000, 17, 123_456, 42, 1_099_999, 7, 311]
+# The checkpoint, one export of it and room to spare: each test's folders are
+# removed when it ends, pass or fail, so that is the most held at once.
+DISK_NEEDED = 6 * 2**30
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _disk(tmp_path_factory):
+    free = shutil.disk_usage(tmp_path_factory.getbasetemp()).free
+    if free < DISK_NEEDED:
+        pytest.skip(f"a 2 GiB model needs {DISK_NEEDED / 2**30:.0f} GiB of free disk for its tests; "
+                    f"{free / 2**30:.1f} GiB free under {tmp_path_factory.getbasetemp()}")
+
+
+@pytest.fixture(autouse=True)
+def _remove_outputs(tmp_path):
+    # A failed test's 2 GiB folder is not kept either: it would fill the disk under the tests that follow.
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> dict:
+def checkpoint(module_tmp) -> dict:
     from dijiang_deploy.checkpoint import save_checkpoint
     from dijiang_deploy.quantization.grid import QuantAwareConfig, WeightGrid
     from dijiang_deploy.testing import random_model
@@ -38,7 +57,7 @@ def checkpoint(tmp_path_factory) -> dict:
     model.config.raw["dijiang_finetune"] = {"quant_aware": grid.to_record()}
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert nbytes > 2 * 2**30
-    folder = save_checkpoint(model, tmp_path_factory.mktemp("large") / "ckpt", max_shard_bytes=1 << 30)
+    folder = save_checkpoint(model, module_tmp("large") / "ckpt", max_shard_bytes=1 << 30)
     with torch.no_grad():
         out = model(torch.tensor([PROMPT]), mode="chunked")
         step = model(out.logits[:, -1:].argmax(-1), mode="recurrent", state=out.state)
@@ -48,14 +67,6 @@ def checkpoint(tmp_path_factory) -> dict:
     gc.collect()
     return {"dir": folder, "bytes": nbytes, "want": want}
 
-
-def test_save_checkpoint_writes_shards_with_an_index(checkpoint):
-    folder = checkpoint["dir"]
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
-    assert len(shards) >= 3 and set(index["weight_map"].values()) == set(shards)
-    assert index["metadata"]["total_size"] == checkpoint["bytes"]
-    assert all((folder / s).stat().st_size <= (1 << 30) + (256 << 20) for s in shards)
 
 
 # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from this
@@ -124,6 +135,14 @@ def test_convert_a_large_hugging_face_folder(tmp_path):
     ratio = peak / nbytes
     print(f"convert: peak RSS {peak / 2**30:.2f} GiB = {ratio:.2f}x the weights")
     assert ratio <= 1.6, ratio
+
+def test_save_checkpoint_writes_shards_with_an_index(checkpoint):
+    folder = checkpoint["dir"]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == checkpoint["bytes"]
+    assert all((folder / s).stat().st_size <= (1 << 30) + (256 << 20) for s in shards)
 
 
 @pytest.mark.parametrize("name, flags, peak_limit", [

@@ -102,16 +102,16 @@ def _export(folder: Path, family: str, seed: int, **overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tiny")
+def tiny(module_tmp) -> dict[str, Path]:
+    base = module_tmp("tiny")
     # eos out of reach of greedy decoding here, so every run makes its 64 tokens.
     return {fam: _export(base / fam, fam, seed=1, eos_token_id=None) for fam in ("gpt_neox", "llama")}
 
 
 @pytest.fixture(scope="module")
-def real_tok(tmp_path_factory, smollm2_dir) -> Path:
+def real_tok(module_tmp, smollm2_dir) -> Path:
     """A tiny random LLaMA sized to SmolLM2's vocabulary, with its tokenizer and chat format."""
-    return _export(tmp_path_factory.mktemp("realtok") / "onnx", "llama", seed=0, vocab_size=49152, eos_token_id=2,
+    return _export(module_tmp("realtok") / "onnx", "llama", seed=0, vocab_size=49152, eos_token_id=2,
                    tokenizer_dir=smollm2_dir)
 
 
@@ -524,10 +524,10 @@ def test_chat_without_chat_format_is_refused(native, real_tok, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_exports(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+def smollm2_exports(module_tmp, smollm2_dir) -> dict[str, Path]:
     from dijiang_deploy.export import ExportOptions, export_checkpoint
 
-    base = tmp_path_factory.mktemp("smollm2_native")
+    base = module_tmp("smollm2_native")
     out = {}
     # Uncalibrated int4: the C/Python comparison needs the int4 graph, not its best scales.
     for name, opts in (("fp32", ExportOptions()), ("int4", ExportOptions(weights="int4", calibrate=False))):

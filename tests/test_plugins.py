@@ -25,14 +25,14 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_dir(module_tmp) -> Path:
     reuse = os.environ.get("DIJIANG_PLUGIN_BUILD")
     if reuse:
         path = Path(reuse)
         if not (path / "main" / "CMakeCache.txt").exists():
             pytest.fail(f"DIJIANG_PLUGIN_BUILD={reuse} is not a build_plugins.sh build directory")
         return path
-    path = tmp_path_factory.mktemp("plugin_build")
+    path = module_tmp("plugin_build")
     env = dict(os.environ, PYTHON=sys.executable)
     result = subprocess.run(
         ["bash", str(SCRIPT), str(path)], env=env, capture_output=True, text=True, timeout=1800

@@ -118,9 +118,9 @@ def test_config_parsing_and_bad_values():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(module_tmp) -> dict:
     """A tiny student fine-tuned twice from one seed: float, and through the int4 grid."""
-    trained = tiny_student(tmp_path_factory.mktemp("qat"))
+    trained = tiny_student(module_tmp("qat"))
     # 160 steps: shorter runs leave the grid phase too few steps to beat rounding
     # by more than float noise (at 60 steps both sat within 0.02% of each other).
     common = dict(data=trained["train"], teacher=trained["teacher"], steps=160, progress=False, config=small_config())

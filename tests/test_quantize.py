@@ -61,7 +61,7 @@ def _write_folder(proto: onnx.ModelProto, manifest: Manifest, folder: Path, weig
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(module_tmp):
     """family -> {"model", "float" (flavored float proto), folders by variant}."""
     out = {}
     real = nbits.quantize_weights
@@ -75,7 +75,7 @@ def bundle(tmp_path_factory):
             seen.append(keep)
             return real(proto, options, **kw)
 
-        root = tmp_path_factory.mktemp(f"q-{fam}")
+        root = module_tmp(f"q-{fam}")
         export_graph.quantize_weights = capture  # the name export_model calls
         try:
             # calibrate=False: the dequantized-twin tests below put the graph's

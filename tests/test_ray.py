@@ -26,16 +26,16 @@ pytestmark = requires_smollm2
 
 
 @pytest.fixture(scope="module")
-def export(smollm2_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ray") / "tiny-smol"
+def export(smollm2_dir, module_tmp) -> Path:
+    folder = module_tmp("ray") / "tiny-smol"
     export_model(random_model("llama", seed=0, vocab_size=49152, eos_token_id=2), folder, ExportOptions(max_chunk=16),
                  tokenizer_dir=smollm2_dir)
     return folder
 
 
 @pytest.fixture(scope="module")
-def cluster(export, tmp_path_factory):
-    shared = tmp_path_factory.mktemp("shared-states")
+def cluster(export, module_tmp):
+    shared = module_tmp("shared-states")
     srv = RayServer(export, "--replicas", "2", "--replica-cpus", "0.5", "--max-batch", "8", "--state-dir", str(shared))
     srv.start()
     srv.connect()

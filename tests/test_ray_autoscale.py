@@ -19,8 +19,8 @@ pytestmark = requires_smollm2
 
 
 @pytest.fixture(scope="module")
-def export(smollm2_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ray-auto") / "tiny-smol"
+def export(smollm2_dir, module_tmp) -> Path:
+    folder = module_tmp("ray-auto") / "tiny-smol"
     export_model(random_model("llama", seed=0, vocab_size=49152, eos_token_id=2), folder, ExportOptions(max_chunk=16),
                  tokenizer_dir=smollm2_dir)
     return folder

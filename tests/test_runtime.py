@@ -19,9 +19,9 @@ from _support import requires_smollm2
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
+def tiny_export(module_tmp):
     model = random_model("llama", seed=4)
-    folder = tmp_path_factory.mktemp("rt") / "tiny"
+    folder = module_tmp("rt") / "tiny"
     export_model(model, folder, ExportOptions(max_chunk=16))
     return model, folder
 
@@ -206,13 +206,13 @@ def test_float64_check_judges_memory_by_what_is_available_not_free_pages(tmp_pat
 
 @requires_smollm2
 @pytest.mark.slow
-def test_smollm2_export_parity_and_fp16(smollm2_dir, tmp_path_factory):
+def test_smollm2_export_parity_and_fp16(smollm2_dir, tmp_path):
     """fp32: as accurate as PyTorch's float32; greedy identical.
     fp16: top-1 agreement with fp32 over 512 tokens; finite at 8192 positions."""
     from dijiang_deploy import load_model
     from dijiang_deploy.verify import verify
 
-    out = tmp_path_factory.mktemp("smol")
+    out = tmp_path
     export_model(load_model(smollm2_dir), out / "fp32", ExportOptions(logits="all"), tokenizer_dir=smollm2_dir)
     report = verify(out / "fp32", smollm2_dir, tokens=96, greedy_tokens=64)
     assert report.greedy_identical and report.top1_agreement == 1.0 and report.ok, report

@@ -27,17 +27,17 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def export(smollm2_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("serve") / "tiny-smol"
+def export(smollm2_dir, module_tmp) -> Path:
+    folder = module_tmp("serve") / "tiny-smol"
     export_model(random_model("llama", seed=0, vocab_size=49152, eos_token_id=2), folder, ExportOptions(max_chunk=16),
                  tokenizer_dir=smollm2_dir)
     return folder
 
 
 @pytest.fixture(scope="module")
-def server(export, tmp_path_factory):
+def server(export, module_tmp):
     with ServerProcess(export, "--max-batch", "4", "--max-queue", "16", "--max-context", "2048",
-                       "--state-dir", str(tmp_path_factory.mktemp("states"))) as srv:
+                       "--state-dir", str(module_tmp("states"))) as srv:
         yield srv
 
 

@@ -20,8 +20,8 @@ from _support import requires_smollm2
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sessions")
+def exports(module_tmp) -> dict[str, Path]:
+    root = module_tmp("sessions")
     out = {}
     for family in ("gpt_neox", "llama"):
         out[family] = root / family
@@ -188,8 +188,8 @@ def test_position_limit_of_general_decay_tables(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def chat_model(smollm2_dir, tmp_path_factory) -> Model:
-    folder = tmp_path_factory.mktemp("chat") / "onnx"
+def chat_model(smollm2_dir, module_tmp) -> Model:
+    folder = module_tmp("chat") / "onnx"
     export_model(random_model("llama", seed=0, vocab_size=49152), folder, ExportOptions(max_chunk=32),
                  tokenizer_dir=smollm2_dir)
     return Model.open(folder)

@@ -7,9 +7,14 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "check.hpp"
 #include "json.hpp"
@@ -24,11 +29,30 @@ using dj::json::Value;
 
 namespace {
 
-std::string scratch(const std::string& name) {
-    char tmpl[] = "/tmp/dj_tests_XXXXXX";
-    std::string dir = mkdtemp(tmpl);
-    return dir + "/" + name;
+// Every scratch folder a suite makes, removed when the test binary exits.
+class ScratchDirs {
+public:
+    ~ScratchDirs() {
+        std::error_code ignored;
+        for (const auto& dir : dirs_) std::filesystem::remove_all(dir, ignored);
+    }
+    std::string make() {
+        std::string tmpl = (std::filesystem::temp_directory_path() / "dj_tests_XXXXXX").string();
+        if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
+        dirs_.push_back(tmpl);
+        return tmpl;
+    }
+
+private:
+    std::vector<std::string> dirs_;
+};
+
+std::string scratch_dir() {
+    static ScratchDirs dirs;
+    return dirs.make();
 }
+
+std::string scratch(const std::string& name) { return scratch_dir() + "/" + name; }
 
 void write(const std::string& path, const std::string& text) {
     std::ofstream(path, std::ios::binary) << text;
@@ -344,8 +368,7 @@ const char* kManifest = R"({
   "model_fingerprint": "FP")";
 
 std::string manifest_folder(const std::string& text) {
-    char tmpl[] = "/tmp/dj_manifest_XXXXXX";
-    std::string dir = mkdtemp(tmpl);
+    std::string dir = scratch_dir();
     write(dir + "/manifest.json", text);
     return dir;
 }
@@ -367,8 +390,7 @@ DJ_SUITE(manifest) {
     CHECK_EQ(m.checkpoint_sha256, std::string("cafe"));
     CHECK((m.prefill_lengths() == std::vector<int32_t>{1, 2, 4, 8, 16}));
     CHECK_ERROR(dj::Manifest::load("/nonexistent/folder"), DJ_ERR_NOT_FOUND, "no such file or directory");
-    char tmpl[] = "/tmp/dj_empty_XXXXXX";
-    CHECK_ERROR(dj::Manifest::load(mkdtemp(tmpl)), DJ_ERR_NOT_FOUND, "no manifest.json");
+    CHECK_ERROR(dj::Manifest::load(scratch_dir()), DJ_ERR_NOT_FOUND, "no manifest.json");
     CHECK_ERROR(dj::Manifest::load(manifest_folder("{not json")), DJ_ERR_BAD_EXPORT, "not valid JSON");
     std::string no_fp = kManifest;
     no_fp.replace(no_fp.find(",\n  \"model_fingerprint\": \"FP\""), std::string(",\n  \"model_fingerprint\": \"FP\"").size(), "");
