@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -63,6 +64,39 @@ def test_flavors_agree(models, exports, fam):
     assert np.abs(la - fn).max() <= 1e-5
     assert np.abs(la - pl).max() <= 1e-5
     assert np.abs(la - inline).max() <= 1e-5
+
+
+def test_plugin_flavor_with_external_weights_cleans_rewrites_left_by_dead_processes(models, exports, tmp_path):
+    """The plugin flavor's rewritten graph goes beside external weights and is
+    deleted once loaded; one left by a process killed before that is deleted by
+    the next load, while those of live processes and of other hosts stay."""
+    import hashlib
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime_extensions")
+    src = exports["llama"]["plugin"]
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save(onnx.load(str(src / "model.onnx")), str(folder / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data")
+    assert (folder / "model.onnx.data").stat().st_size > 1 << 16
+    (folder / "manifest.json").write_bytes((src / "manifest.json").read_bytes())
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    here = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    elsewhere = hashlib.sha256(b"another-host").hexdigest()[:8]
+    orphan = folder / f".model.ort-plugin-{dead}-{here}-x1.onnx"
+    kept = [folder / f".model.ort-plugin-{os.getppid()}-{here}-x2.onnx",  # a live process's, about to load
+            folder / f".model.ort-plugin-{dead}-{elsewhere}-x3.onnx"]      # a pid of another machine
+    for f in [orphan, *kept]:
+        f.write_bytes(b"graph")
+
+    ids = np.random.default_rng(3).integers(0, models["llama"].config.vocab_size, size=(1, 21))
+    got = Generator.from_pretrained(folder).score(ids)
+    assert np.abs(got - Generator.from_pretrained(exports["llama"]["linear-attention"]).score(ids)).max() <= 1e-5
+    assert sorted(folder.glob(".*ort-plugin*")) == sorted(kept)
 
 
 @pytest.mark.parametrize("op", ["linear-attention", "inline"])

@@ -26,8 +26,10 @@ session reads or writes one (:class:`_DeviceRows`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -443,8 +445,9 @@ def _plugin_graph_for_ort(path: Path, so) -> str | bytes:
     so.register_custom_ops_library(get_library_path())
     if not _external_locations(model.graph):
         return model.SerializeToString()
+    _remove_orphaned_rewrites(path)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.ort-plugin-", suffix=".onnx", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=_rewrite_prefix(path), suffix=".onnx", dir=path.parent)
     except OSError:  # a read-only folder: weights inline, as far as protobuf allows
         from google.protobuf.message import EncodeError
         from onnx.external_data_helper import load_external_data_for_model
@@ -462,6 +465,53 @@ def _plugin_graph_for_ort(path: Path, so) -> str | bytes:
         Path(name).unlink(missing_ok=True)
         raise
     return name
+
+
+def _rewrite_prefix(path: Path) -> str:
+    """Name prefix of the rewritten graph this process writes beside ``path``.
+
+    It names the writer (pid and host) so that a later process can tell a
+    file left by a process that died before deleting it from one that
+    another live process is about to load.
+    """
+    return f"{_REWRITE_LEAD.format(stem=path.stem)}{os.getpid()}-{_host_tag()}-"
+
+
+_REWRITE_LEAD = ".{stem}.ort-plugin-"
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _remove_orphaned_rewrites(path: Path) -> None:
+    """Delete rewritten graphs beside ``path`` whose writer, on this host, is gone.
+
+    Each is a full copy of the graph (tens of MB at 7B), and a process
+    killed between writing it and creating its session leaves it behind.
+    Files of other hosts (a shared folder) are left alone: their pids mean
+    nothing here.
+    """
+    lead = _REWRITE_LEAD.format(stem=path.stem)
+    host = _host_tag()
+    for leftover in path.parent.glob(f"{lead}*.onnx"):
+        pid, _, rest = leftover.name[len(lead):].partition("-")
+        if not pid.isdigit() or not rest.startswith(host + "-") or _alive(int(pid)):
+            continue
+        try:
+            leftover.unlink(missing_ok=True)
+        except OSError:  # another user's file, or a read-only folder: not ours to clean
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _external_locations(graph) -> set[str]:
