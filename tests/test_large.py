@@ -230,8 +230,8 @@ def test_half_and_calibrated_exports_past_2_gib(checkpoint, tmp_path, name, flag
 
 
 def test_default_int4_export_quantizes_the_large_head(checkpoint, tmp_path):
-    """The 8-bit head of 1.1M rows goes through ONNX Runtime's quantizer in memory:
-    measured 2.7x the weights at peak (the head and the quantizer's copies of it)."""
+    """The 8-bit head of 1.1M rows is quantized a slice of columns at a time from the
+    PyTorch weight, never copied whole in float (docs/large-models.md has the peak)."""
     from dijiang_deploy.contract.manifest import Manifest
     from dijiang_deploy.runtime import Model
 
@@ -242,7 +242,9 @@ def test_default_int4_export_quantizes_the_large_head(checkpoint, tmp_path):
     want = checkpoint["want"]["prompt"][-1]
     assert np.isfinite(logits).all() and np.corrcoef(logits, want)[0, 1] > 0.99
     print(f"default int4: export peak RSS {peak / 2**30:.2f} GiB = {peak / checkpoint['bytes']:.2f}x the weights")
-    assert peak / checkpoint["bytes"] <= 3.2, peak / checkpoint["bytes"]
+    # Measured 1.74x: the weights, the 8-bit head and its serialised copy (was 2.16-2.70x
+    # when ONNX Runtime's quantizer copied the float head whole).
+    assert peak / checkpoint["bytes"] <= 2.0, peak / checkpoint["bytes"]
 
 
 def test_verify_on_a_large_export(checkpoint, tmp_path):

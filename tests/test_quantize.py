@@ -404,6 +404,72 @@ def _toy(d: int = 16, hidden: int = 64, vocab: int = 50, tied: bool = True, dtyp
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
+def _proto_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def _graph_summary(proto: onnx.ModelProto):
+    nodes = [(n.op_type, n.domain, n.name, list(n.input), list(n.output),
+              sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute)) for n in proto.graph.node]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return nodes, inits, sorted((o.domain, o.version) for o in proto.opset_import)
+
+
+@pytest.mark.parametrize("bits, block, symmetric", [(8, 32, True), (8, 128, False), (4, 32, False), (4, 16, True)])
+@pytest.mark.parametrize("fam", ["llama", "gpt_neox"])
+def test_head_in_slices_is_onnx_runtimes_quantizer_bit_for_bit(bundle, monkeypatch, fam, bits, block, symmetric):
+    """quantize_head against ONNX Runtime's own quantizer on the same head: the
+    same nodes, attributes and initializer bytes. Slices of 7 columns (a ragged
+    last one), blocks longer than K (padding), tied (gpt_neox) and untied heads."""
+    opts = ExportOptions(weights=f"int{bits}", block_size=block, symmetric=symmetric)
+    ref, ours = _proto_copy(bundle[fam]["float"]), _proto_copy(bundle[fam]["float"])
+    heads = []
+    for proto in (ref, ours):
+        selected, _ = select.find_linear_weights(proto, include_head=True, materialize=True)
+        heads.append({w.node for w in selected if w.role == "head"})
+    assert heads[0] == heads[1] and len(heads[0]) == 1
+    ref = nbits._run_ort_quantizer(nbits._ort_quantizer(), ref, heads[0], bits, opts, 4)
+    k = bundle[fam]["model"].config.hidden_size
+    monkeypatch.setattr(nbits, "HEAD_SLICE_BYTES", 7 * k * 4)
+    nbits.quantize_head(ours, heads[1], bits, block, symmetric, 4, {})
+    (ref_nodes, ref_inits, ref_ops), (our_nodes, our_inits, our_ops) = _graph_summary(ref), _graph_summary(ours)
+    assert our_nodes == ref_nodes
+    assert our_ops == ref_ops
+    assert sorted(our_inits) == sorted(ref_inits)
+    for name, value in ref_inits.items():
+        assert our_inits[name].dtype == value.dtype and np.array_equal(our_inits[name], value), name
+
+
+def test_head_from_a_handed_over_weight(bundle):
+    """The exporter's large path: the graph holds a placeholder (dims only) and
+    the weight comes as an array; the result is the in-graph weight's."""
+    want = _proto_copy(bundle["llama"]["float"])
+    nbits.quantize_weights(want, ExportOptions(weights="int4", quantize_head=True), in_place=True)
+    proto = _proto_copy(bundle["llama"]["float"])
+    selected, _ = select.find_linear_weights(proto, include_head=True)
+    (head,) = [w for w in selected if w.role == "head"]
+    index, tensor = next((i, t) for i, t in enumerate(proto.graph.initializer) if t.name == head.weight)
+    weight = numpy_helper.to_array(tensor)
+    placeholder = TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                              data_location=TensorProto.EXTERNAL)
+    placeholder.external_data.add(key="location", value="not-written")
+    proto.graph.initializer[index].CopyFrom(placeholder)
+    with pytest.raises(ExportError, match="neither an in-graph initializer nor handed over"):
+        nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=True))
+    got = nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=True), sources={head.weight: weight})
+    assert _graph_summary(got)[0] == _graph_summary(want)[0]
+    got_inits, want_inits = _graph_summary(got)[1], _graph_summary(want)[1]
+    assert sorted(got_inits) == sorted(want_inits)
+    assert all(np.array_equal(got_inits[k], want_inits[k]) for k in want_inits)
+    # A handed-over weight the graph does not consume (its head kept in float) is refused, not left as a placeholder.
+    proto = _proto_copy(bundle["llama"]["float"])
+    proto.graph.initializer[index].CopyFrom(placeholder)
+    with pytest.raises(ExportError, match="placeholder weights left unquantized"):
+        nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=False), sources={head.weight: weight})
+
+
 def test_selection_rules_on_toy_graph():
     sel, skipped = select.find_linear_weights(_toy())
     assert [(w.node, w.role) for w in sel] == [("node_linear", "linear"), ("node_matmul_1", "gate")]
@@ -419,6 +485,18 @@ def test_tied_head_and_dtypes_on_toy_graph(dtype):
     toy = _toy(dtype=dtype)
     q = nbits.quantize_weights(toy, ExportOptions(weights="int4", quantize_head=True, block_size=16))
     assert not any(n.op_type == "Transpose" for n in q.graph.node)  # tied head folded, then quantized
+    # The head as ONNX Runtime's quantizer makes it from the same folded weight, bit for bit (scales in `dtype`).
+    ref = _proto_copy(toy)
+    heads = {w.node for w in select.find_linear_weights(ref, include_head=True, materialize=True)[0] if w.role == "head"}
+    ref = nbits._run_ort_quantizer(nbits._ort_quantizer(), ref, heads, 8, ExportOptions(weights="int8", block_size=16), 4)
+    (ref_head,) = [n for n in ref.graph.node if n.op_type == "MatMulNBits"]
+    (our_head,) = [n for n in q.graph.node if n.name == ref_head.name]
+    assert list(our_head.input) == list(ref_head.input)
+    for name in ref_head.input[1:]:
+        want_t = next(t for t in ref.graph.initializer if t.name == name)
+        got_t = next(t for t in q.graph.initializer if t.name == name)
+        assert got_t.data_type == want_t.data_type and np.array_equal(numpy_helper.to_array(got_t),
+                                                                       numpy_helper.to_array(want_t)), name
     assert [n.op_type for n in q.graph.node].count("MatMulNBits") == 3
     feed = {
         "x": np.random.default_rng(1).standard_normal((1, 3, 64)).astype(dtype),

@@ -339,7 +339,8 @@ def export_model(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sink = None
         if large and options.attention_op == "inline":
-            sink = ExternalData(tmp / (MODEL_FILE + ".data"), keep=_quantizer_inputs(model, options) if quantized else None)
+            keep, hand_over = _quantizer_inputs(model, options) if quantized else (None, None)
+            sink = ExternalData(tmp / (MODEL_FILE + ".data"), keep=keep, hand_over=hand_over)
         try:
             proto, opset = _step_graph(model, options, sink, tmp / MODEL_FILE if large else None)
         finally:
@@ -348,7 +349,7 @@ def export_model(
         _fix_io_types(proto, *io_specs(model, options))
         quantization: dict = {}
         if quantized:
-            proto, quantization = _quantized(proto, options, calibration)
+            proto, quantization = _quantized(proto, options, calibration, sink.handed_over if sink else None)
         manifest = _manifest(model, options, proto, opset, quantization, source)
         save_graph(proto, tmp / MODEL_FILE)
         if tokenizer_dir is not None:
@@ -384,23 +385,31 @@ def _step_graph(model: DiJiangForCausalLM, options: ExportOptions, sink, path: P
 
 
 def _quantizer_inputs(model: DiJiangForCausalLM, options: ExportOptions):
-    """Which of the inline graph's weights the quantizer reads (kept in memory; the rest streams to disk)."""
+    """Which of the inline graph's weights the quantizer reads: ``(keep, hand_over)``.
+
+    ``keep``: held in the graph (the rest streams to disk). ``hand_over``: an
+    untied head, which the quantizer reads from the PyTorch weight a slice at
+    a time (:func:`~..quantization.nbits.quantize_head`), so the graph never
+    holds a float copy of the largest matrix.
+    """
     tied_head = options.head_quantized and model.config.tie_word_embeddings
 
     def keep(name: str) -> bool:
-        if name == "head.weight_t":
-            return options.head_quantized
-        return name.endswith(".weight_t") or (tied_head and name == "embed.weight")
+        return name.endswith(".weight_t") and name != "head.weight_t" or (tied_head and name == "embed.weight")
 
-    return keep
+    def hand_over(name: str) -> bool:
+        return name == "head.weight_t" and options.head_quantized and not model.config.tie_word_embeddings
+
+    return keep, hand_over
 
 
-def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None) -> tuple[onnx.ModelProto, dict]:
+def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None,
+               sources: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
     # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel for it.
     head_level = DEFAULT_ACCURACY_LEVEL[8] if options.weight_format == "int4" else None
     proto = quantize_weights(proto, options, accuracy_level=options.accuracy_level, calibration=calibration,
-                             head_accuracy_level=head_level, in_place=True)
+                             head_accuracy_level=head_level, in_place=True, sources=sources)
     return proto, {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
 
 

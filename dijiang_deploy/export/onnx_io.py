@@ -63,16 +63,31 @@ class ExternalData:
     ALIGN = 4096
     BLOCK = 64 << 20
 
-    def __init__(self, path: Path, threshold: int = 1 << 20, keep=None):
+    #: ``location`` of a placeholder's external data: a name no file has, so a
+    #: placeholder saved by mistake fails to load instead of reading other bytes.
+    PLACEHOLDER = "<handed to the quantizer>"
+
+    def __init__(self, path: Path, threshold: int = 1 << 20, keep=None, hand_over=None):
         self.path = Path(path)
         self.threshold = threshold
         #: name -> True for tensors to keep in the graph whatever their size (the quantizer's inputs).
         self.keep = keep or (lambda name: False)
+        #: name -> True for tensors the quantizer reads from ``handed_over`` instead: the graph
+        #: gets a placeholder (dims, no data) and the value is held by reference, not copied.
+        self.hand_over = hand_over or (lambda name: False)
+        self.handed_over: dict[str, np.ndarray] = {}
         self._fh = open(self.path, "wb")
         self._offset = 0
 
     def tensor(self, name: str, value: np.ndarray) -> onnx.TensorProto:
         value = np.asarray(value)
+        if self.hand_over(name):
+            self.handed_over[name] = value
+            t = onnx.TensorProto(name=name, dims=list(value.shape),
+                                 data_type=helper.np_dtype_to_tensor_dtype(value.dtype))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=self.PLACEHOLDER)
+            return t
         if value.nbytes < self.threshold or self.keep(name):
             return numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name)
         pad = -self._offset % self.ALIGN
