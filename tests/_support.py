@@ -36,3 +36,26 @@ def finetune_cli_config(monkeypatch, tmp_path, *flags: str):
     with pytest.raises(SystemExit):
         args.func(args)
     return seen["config"]
+
+
+def ort_quantizer(model, chosen: set[str], bits: int, options, level: int):
+    """ONNX Runtime's own ``MatMulNBitsQuantizer`` (RTN) on exactly the ``chosen`` MatMuls of ``model``:
+    the reference :func:`dijiang_deploy.quantization.nbits.quantize_matmuls` is compared with."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    # The module calls logging.basicConfig(level=INFO) at import: undo it.
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(root_level)
+    quant = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric is not False,
+        accuracy_level=level or None, nodes_to_exclude=[n.name for n in model.graph.node if n.name not in chosen],
+        nodes_to_include=sorted(chosen), op_types_to_quantize=("MatMul",),
+    )
+    quant.process()
+    return quant.model.model

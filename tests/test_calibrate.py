@@ -87,6 +87,36 @@ def test_scaling_is_exact_in_float(fam):
         assert all(a == 0 for k, a in report.alphas.items() if k.endswith("down_in"))
 
 
+def test_in_place_calibration_is_the_copy_s_and_export_checkpoint_leaves_the_checkpoint(tmp_path):
+    """in_place rescales the model itself to exactly what the copy gets;
+    export_checkpoint (which owns its model) uses it, and its export is byte
+    for byte export_model's on an untouched model, the checkpoint unchanged."""
+    from dijiang_deploy import load_model
+    from dijiang_deploy.checkpoint import save_checkpoint
+    from dijiang_deploy.export import export_checkpoint
+    from dijiang_deploy.export.graph import checkpoint_sha256
+
+    model = _plant_outliers(random_model("llama", seed=3, tie_word_embeddings=False))
+    ids = _ids(model.config.vocab_size)
+    copied, report = calibrate_for_quantization(model, ids, 4, 16, True, progress=False)
+    same, report2 = calibrate_for_quantization(model, ids, 4, 16, True, progress=False, in_place=True)
+    assert same is model and copied is not model
+    assert report2.alphas == report.alphas and any(a > 0 for a in report.alphas.values())
+    assert all(torch.equal(v, copied.state_dict()[k]) for k, v in model.state_dict().items())
+
+    ckpt = save_checkpoint(_plant_outliers(random_model("llama", seed=3, tie_word_embeddings=False)), tmp_path / "ckpt")
+    digest = checkpoint_sha256(ckpt)
+    opts = ExportOptions(weights="int4", block_size=16, calibration_tokens=256)
+    export_checkpoint(ckpt, tmp_path / "consumed", opts)
+    untouched = load_model(ckpt)
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    export_model(untouched, tmp_path / "copied", opts, tokenizer_dir=ckpt)
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())
+    assert checkpoint_sha256(ckpt) == digest
+    assert Manifest.load(tmp_path / "consumed").quantization["calibration"]["method"] != "none"
+    assert (tmp_path / "consumed" / "model.onnx").read_bytes() == (tmp_path / "copied" / "model.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
 def test_ort_rtn_is_what_the_export_holds(bits, symmetric):
     """The search's quantizer and the exported MatMulNBits dequantize identically."""

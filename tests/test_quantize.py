@@ -41,6 +41,7 @@ from dijiang_deploy.contract.manifest import MANIFEST_NAME
 from dijiang_deploy.export.op_counts import decode_op_counts
 from dijiang_deploy.runtime import Generator
 from dijiang_deploy.testing import random_model
+from _support import ort_quantizer
 
 EXACT_TOL = 1e-4
 NOISE = {"int8": (0.08, 0.90), "int4": (0.8, 0.60)}  # (max |logit diff|, min top-1 agreement)
@@ -419,23 +420,25 @@ def _graph_summary(proto: onnx.ModelProto):
 
 @pytest.mark.parametrize("bits, block, symmetric", [(8, 32, True), (8, 128, False), (4, 32, False), (4, 16, True)])
 @pytest.mark.parametrize("fam", ["llama", "gpt_neox"])
-def test_head_in_slices_is_onnx_runtimes_quantizer_bit_for_bit(bundle, monkeypatch, fam, bits, block, symmetric):
-    """quantize_head against ONNX Runtime's own quantizer on the same head: the
-    same nodes, attributes and initializer bytes. Slices of 7 columns (a ragged
-    last one), blocks longer than K (padding), tied (gpt_neox) and untied heads."""
+def test_matmuls_in_slices_are_onnx_runtimes_quantizer_bit_for_bit(bundle, monkeypatch, fam, bits, block, symmetric):
+    """quantize_matmuls against ONNX Runtime's own quantizer on every linear
+    layer and the head: the same nodes in the same order, attributes and
+    initializer bytes. Slices of 7 columns (a ragged last one), blocks longer
+    than K (padding), tied (gpt_neox) and untied heads."""
     opts = ExportOptions(weights=f"int{bits}", block_size=block, symmetric=symmetric)
     ref, ours = _proto_copy(bundle[fam]["float"]), _proto_copy(bundle[fam]["float"])
-    heads = []
+    chosen = []
     for proto in (ref, ours):
         selected, _ = select.find_linear_weights(proto, include_head=True, materialize=True)
-        heads.append({w.node for w in selected if w.role == "head"})
-    assert heads[0] == heads[1] and len(heads[0]) == 1
-    ref = nbits._run_ort_quantizer(nbits._ort_quantizer(), ref, heads[0], bits, opts, 4)
+        chosen.append({w.node for w in selected})
+    assert chosen[0] == chosen[1] and len(chosen[0]) > PER_LAYER[fam]
+    ref = ort_quantizer(ref, chosen[0], bits, opts, 4)
     k = bundle[fam]["model"].config.hidden_size
-    monkeypatch.setattr(nbits, "HEAD_SLICE_BYTES", 7 * k * 4)
-    nbits.quantize_head(ours, heads[1], bits, block, symmetric, 4, {})
+    monkeypatch.setattr(nbits, "SLICE_BYTES", 7 * k * 4)
+    nbits.quantize_matmuls(ours, chosen[1], bits, block, symmetric, 4, {})
     (ref_nodes, ref_inits, ref_ops), (our_nodes, our_inits, our_ops) = _graph_summary(ref), _graph_summary(ours)
     assert our_nodes == ref_nodes
+    assert sum(n[0] == "MatMulNBits" for n in our_nodes) == len(chosen[0])
     assert our_ops == ref_ops
     assert sorted(our_inits) == sorted(ref_inits)
     for name, value in ref_inits.items():
@@ -463,11 +466,15 @@ def test_head_from_a_handed_over_weight(bundle):
     got_inits, want_inits = _graph_summary(got)[1], _graph_summary(want)[1]
     assert sorted(got_inits) == sorted(want_inits)
     assert all(np.array_equal(got_inits[k], want_inits[k]) for k in want_inits)
-    # A handed-over weight the graph does not consume (its head kept in float) is refused, not left as a placeholder.
+    # A handed-over weight left in float (the head not quantized) is written into the graph, not left a placeholder.
     proto = _proto_copy(bundle["llama"]["float"])
     proto.graph.initializer[index].CopyFrom(placeholder)
-    with pytest.raises(ExportError, match="placeholder weights left unquantized"):
-        nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=False), sources={head.weight: weight})
+    got = nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=False), sources={head.weight: weight})
+    kept = next(t for t in got.graph.initializer if t.name == head.weight)
+    assert kept.data_location == TensorProto.DEFAULT and np.array_equal(numpy_helper.to_array(kept), weight)
+    with pytest.raises(ExportError, match="tensors the graph does not have"):
+        nbits.quantize_weights(_proto_copy(bundle["llama"]["float"]), ExportOptions(weights="int4"),
+                               sources={"no.such.weight_t": weight})
 
 
 def test_selection_rules_on_toy_graph():
@@ -488,7 +495,7 @@ def test_tied_head_and_dtypes_on_toy_graph(dtype):
     # The head as ONNX Runtime's quantizer makes it from the same folded weight, bit for bit (scales in `dtype`).
     ref = _proto_copy(toy)
     heads = {w.node for w in select.find_linear_weights(ref, include_head=True, materialize=True)[0] if w.role == "head"}
-    ref = nbits._run_ort_quantizer(nbits._ort_quantizer(), ref, heads, 8, ExportOptions(weights="int8", block_size=16), 4)
+    ref = ort_quantizer(ref, heads, 8, ExportOptions(weights="int8", block_size=16), 4)
     (ref_head,) = [n for n in ref.graph.node if n.op_type == "MatMulNBits"]
     (our_head,) = [n for n in q.graph.node if n.name == ref_head.name]
     assert list(our_head.input) == list(ref_head.input)

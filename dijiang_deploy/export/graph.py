@@ -44,7 +44,7 @@ from ..quantization.nbits import BITS, DEFAULT_ACCURACY_LEVEL, quantization_info
 from . import ops
 from .direct import DIRECT_OPSET, build_step_graph
 from .flavors import FLAVORS, apply_flavor
-from .onnx_io import EXTERNAL_DATA_BYTES, ExternalData, save_graph
+from .onnx_io import EXTERNAL_DATA_BYTES, ExternalData, reload_external_data, save_graph
 from .op_counts import decode_op_counts
 from .schema import register_schema
 
@@ -317,12 +317,17 @@ def export_model(
     tokenizer_dir: str | Path | None = None,
     source: dict | None = None,
     overwrite: bool = False,
+    *,
+    consume: bool = False,
 ) -> Manifest:
     """Export ``model`` into ``out_dir`` (atomically) and return its manifest.
 
-    Graphs past 1 GiB keep their weights in ``model.onnx.data``; a float
+    Graphs past 1 GiB keep their weights in ``model.onnx.data``; an
     ``inline`` export of such a model streams its weights there while the
-    graph is built, so it holds no second copy of them.
+    graph is built (an int8/int4 one hands them to the quantizer instead),
+    so it holds no second copy of them. ``model`` is left unchanged unless
+    ``consume`` (the caller is done with it), which lets calibration rescale
+    it in place instead of copying its layers.
     """
     options = options or ExportOptions()
     options.validate()
@@ -334,7 +339,7 @@ def export_model(
         if lossless_on_grid(model, options):
             calibration = {"method": "none", "reason": "weights already on this grid (finetune --quant-aware)"}
         else:
-            model, calibration = _calibrated(model, options, tokenizer_dir)
+            model, calibration = _calibrated(model, options, tokenizer_dir, in_place=consume)
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sink = None
@@ -349,7 +354,10 @@ def export_model(
         _fix_io_types(proto, *io_specs(model, options))
         quantization: dict = {}
         if quantized:
-            proto, quantization = _quantized(proto, options, calibration, sink.handed_over if sink else None)
+            proto, quantization = _quantized(proto, options, calibration, sink.handed_over if sink else None, tmp)
+            if large and sink is None:
+                # The traced graph's data file still holds the float weights just quantized.
+                reload_external_data(proto, tmp)
         manifest = _manifest(model, options, proto, opset, quantization, source)
         save_graph(proto, tmp / MODEL_FILE)
         if tokenizer_dir is not None:
@@ -387,29 +395,32 @@ def _step_graph(model: DiJiangForCausalLM, options: ExportOptions, sink, path: P
 def _quantizer_inputs(model: DiJiangForCausalLM, options: ExportOptions):
     """Which of the inline graph's weights the quantizer reads: ``(keep, hand_over)``.
 
-    ``keep``: held in the graph (the rest streams to disk). ``hand_over``: an
-    untied head, which the quantizer reads from the PyTorch weight a slice at
-    a time (:func:`~..quantization.nbits.quantize_head`), so the graph never
-    holds a float copy of the largest matrix.
+    ``keep``: held in the graph (the rest streams to disk). ``hand_over``:
+    the linear weights (and an untied head, when quantized), which the
+    quantizer reads from the PyTorch weights a slice at a time
+    (:func:`~..quantization.nbits.quantize_matmuls`), so the graph never
+    holds float copies of them.
     """
     tied_head = options.head_quantized and model.config.tie_word_embeddings
 
     def keep(name: str) -> bool:
-        return name.endswith(".weight_t") and name != "head.weight_t" or (tied_head and name == "embed.weight")
+        return tied_head and name == "embed.weight"
 
     def hand_over(name: str) -> bool:
-        return name == "head.weight_t" and options.head_quantized and not model.config.tie_word_embeddings
+        if name == "head.weight_t":
+            return options.head_quantized and not model.config.tie_word_embeddings
+        return name.endswith(".weight_t")
 
     return keep, hand_over
 
 
 def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None,
-               sources: dict | None = None) -> tuple[onnx.ModelProto, dict]:
+               sources: dict | None, base_dir: Path) -> tuple[onnx.ModelProto, dict]:
     # The 8-bit head of an int4 graph keeps level 4 whatever the body uses:
     # ONNX Runtime 1.32 has no fast float32-activation 8-bit kernel for it.
     head_level = DEFAULT_ACCURACY_LEVEL[8] if options.weight_format == "int4" else None
     proto = quantize_weights(proto, options, accuracy_level=options.accuracy_level, calibration=calibration,
-                             head_accuracy_level=head_level, in_place=True, sources=sources)
+                             head_accuracy_level=head_level, in_place=True, sources=sources, base_dir=base_dir)
     return proto, {k: v for k, v in (quantization_info(proto) or {}).items() if k != "quantized_nodes"}
 
 
@@ -445,15 +456,16 @@ def write_chat_format(folder: Path) -> bool:
 
 
 def _calibrated(
-    model: DiJiangForCausalLM, options: ExportOptions, tokenizer_dir: str | Path | None
+    model: DiJiangForCausalLM, options: ExportOptions, tokenizer_dir: str | Path | None, in_place: bool
 ) -> tuple[DiJiangForCausalLM, dict]:
-    """The activation-aware rescaled copy of ``model`` for ``options``' quantizer, and its record."""
+    """``model`` rescaled for ``options``' quantizer (a copy unless ``in_place``), and its record."""
 
     seq_len = min(256, options.calibration_tokens)
     config = CalibrationConfig(tokens=options.calibration_tokens, seq_len=seq_len, data=options.calibration_data)
     ids, source = calibration_ids(tokenizer_dir, model.config.vocab_size, config)
     scaled, report = calibrate_for_quantization(
-        model, ids, BITS[options.weight_format], options.block_size, options.symmetric, config.search_rows
+        model, ids, BITS[options.weight_format], options.block_size, options.symmetric, config.search_rows,
+        in_place=in_place,
     )
     record = report.to_record() | source
     return scaled, record
@@ -483,7 +495,8 @@ def export_checkpoint(
     half = options.weight_format == "fp16" and options.attention_op != "inline"  # auto is traced for fp16
     model = load_model(model_dir, dtype=torch.float16 if half else torch.float32)
     source = {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_sha256(model_dir)}
-    return export_model(model, out_dir, options, tokenizer_dir=model_dir, source=source, overwrite=overwrite)
+    return export_model(model, out_dir, options, tokenizer_dir=model_dir, source=source, overwrite=overwrite,
+                        consume=True)
 
 
 __all__ = [

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..quantization.nbits import PLACEHOLDER
+
 #: Above this size the weights go to ``<model>.data`` beside the graph.
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -51,6 +53,23 @@ def save_graph(proto: onnx.ModelProto, path: Path, check: bool = True) -> Path:
     return path
 
 
+def reload_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    """Bring the tensors kept in ``folder``'s data files into ``proto`` and delete those files.
+
+    A large traced graph is read back without its data; once its float
+    weights are quantized, the data file written with it holds bytes that
+    nothing reads, so :func:`save_graph` writes a new one with only what the
+    graph uses.
+    """
+    from onnx.external_data_helper import load_external_data_for_model
+
+    files = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    load_external_data_for_model(proto, str(folder))
+    for name in files:
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
 class ExternalData:
     """Writes a graph's large initializers straight into ``<model>.data`` while the graph is built.
 
@@ -63,9 +82,7 @@ class ExternalData:
     ALIGN = 4096
     BLOCK = 64 << 20
 
-    #: ``location`` of a placeholder's external data: a name no file has, so a
-    #: placeholder saved by mistake fails to load instead of reading other bytes.
-    PLACEHOLDER = "<handed to the quantizer>"
+    PLACEHOLDER = PLACEHOLDER
 
     def __init__(self, path: Path, threshold: int = 1 << 20, keep=None, hand_over=None):
         self.path = Path(path)

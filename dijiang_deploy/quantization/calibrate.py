@@ -178,11 +178,14 @@ def calibrate_for_quantization(
     symmetric: bool = True,
     search_rows: int = 512,
     progress: bool = True,
+    in_place: bool = False,
 ) -> tuple[DiJiangForCausalLM, CalibrationReport]:
     """A rescaled copy of ``model`` whose weights quantize with less output error.
 
     Args:
-        model: float32 DiJiang model (left unchanged).
+        model: float32 DiJiang model (left unchanged unless ``in_place``).
+        in_place: rescale ``model`` itself rather than a copy (a caller that
+            is done with it: the copy holds the layers' weights twice).
         ids: ``[S, L]`` int64 calibration tokens.
         bits, block_size, symmetric: the quantizer the export will apply.
         search_rows: activation rows (evenly subsampled) scoring each ``alpha``.
@@ -199,7 +202,7 @@ def calibrate_for_quantization(
     # shares them (float32 only: .float() would convert a shared tensor in
     # place): a model whose size is mostly vocabulary is not held twice.
     shared = {id(t): t for t in (model.body.embed.weight, model.head.weight) if t.dtype == torch.float32}
-    model = copy.deepcopy(model, memo=shared).float().eval()
+    model = (model if in_place else copy.deepcopy(model, memo=shared)).float().eval()
     groups = _groups(model)
     captured: dict[tuple[int, str], list[torch.Tensor]] = {}
     handles = []

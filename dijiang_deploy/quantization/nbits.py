@@ -3,12 +3,15 @@
 Integer weights, one scale per block of ``block_size`` consecutive input
 channels; activations and the recurrent state stay in floating point. Each
 selected ``MatMul`` (:mod:`.select` says which) becomes a
-``com.microsoft::MatMulNBits`` node produced by ONNX Runtime's own quantizer
-(``onnxruntime.quantization.matmul_nbits_quantizer``, round to nearest, 4 or
-8 bits), which ONNX Runtime runs natively on CPU and CUDA. The LM head goes
-through :func:`quantize_head`: the same C++ rounding routine and layout, a
-slice of output columns at a time, so a large vocabulary is never copied
-whole. The TensorRT form of the same weights is in :mod:`.qdq`.
+``com.microsoft::MatMulNBits`` node, which ONNX Runtime runs natively on
+CPU and CUDA. The weights are rounded by ONNX Runtime's own C++ routine
+(round to nearest, 4 or 8 bits: what
+``onnxruntime.quantization.matmul_nbits_quantizer`` calls) into the layout
+that quantizer writes, bit for bit (the tests compare the two), but a slice
+of output columns at a time and, for a large export, straight from the
+PyTorch weights: the quantizer copies each float matrix whole, which made a
+multi-layer 2 GiB export peak near 4x its weights. The TensorRT form of the
+same weights is in :mod:`.qdq`.
 
 The settings are recorded in the model's ``metadata_props`` under
 :data:`METADATA_KEY` (a JSON object), so a folder can be checked against its
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, Collection, Mapping, Protocol
 
 import numpy as np
@@ -124,26 +128,9 @@ def record(
         "roles": roles,
         "skipped": reasons,
         "quantized_nodes": sorted(w.node for w in selected),
-        "tool": f"onnxruntime {onnxruntime.__version__} matmul_nbits_quantizer (RTN)",
+        "tool": f"onnxruntime {onnxruntime.__version__} quantize_matmul_{bits}bits (RTN, the matmul_nbits_quantizer's)",
         **extra,
     }
-
-
-def _ort_quantizer() -> type:
-    """Import ONNX Runtime's ``MatMulNBitsQuantizer`` without its side effect.
-
-    The module calls ``logging.basicConfig(level=INFO)`` at import time, which
-    would turn on INFO logs of every library in the process; undo that.
-    """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
-    return MatMulNBitsQuantizer
 
 
 def quantize_weights(
@@ -156,6 +143,7 @@ def quantize_weights(
     head_accuracy_level: int | None = None,
     in_place: bool = False,
     sources: Mapping[str, np.ndarray] | None = None,
+    base_dir: str | Path | None = None,
 ) -> onnx.ModelProto:
     """Quantize the linear layers of an exported step graph to ``MatMulNBits``.
 
@@ -177,10 +165,13 @@ def quantize_weights(
             quantization record; None: the weights are quantized as they are.
         in_place: work on ``proto`` itself instead of a copy (the exporter:
             for a large model a copy would hold its weights twice).
-        sources: initializer name -> its ``[K, N]`` float32 values, for
-            head weights the graph holds only as a placeholder (dims, no
-            data): the exporter hands over a view of the PyTorch weight
-            rather than a copy in the graph. Each must be consumed.
+        sources: initializer name -> its ``[K, N]`` float values, for
+            weights the graph holds only as a placeholder (dims, no data):
+            the exporter hands over views of the PyTorch weights rather than
+            copies in the graph. One left in floating point (``keep_float``,
+            or not selected) is written into the graph.
+        base_dir: the folder the graph's external data lives in, for weights
+            still there (a large traced graph, loaded without its data).
 
     Returns:
         The quantized model (a new proto unless ``in_place``).
@@ -188,7 +179,6 @@ def quantize_weights(
     Raises:
         ExportError: bad options, nothing to quantize, or a graph already quantized.
     """
-    MatMulNBitsQuantizer = _ort_quantizer()
     bits = check_options(options)
     if quantization_info(proto) is not None or any(n.domain == MS_DOMAIN for n in proto.graph.node):
         raise ExportError("the graph is already quantized")
@@ -218,18 +208,17 @@ def quantize_weights(
     head_bits = max(bits, HEAD_BITS)
     head = {w.node for w in selected if w.role == "head"}
     body = {w.node for w in selected} - head
-    out = _run_ort_quantizer(MatMulNBitsQuantizer, model, body, bits, options, level) if body else model
+    out = model
+    symmetric = options.symmetric is not False  # None (unresolved): symmetric
+    sources = dict(sources or {})
+    quantize_matmuls(out, body, bits, options.block_size, symmetric, level, sources, base_dir)
     head_level = level
     if head and head_bits != bits:
         head_level = head_accuracy_level if head_accuracy_level is not None else (
             DEFAULT_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level
         )
-    if head:
-        quantize_head(out, head, head_bits, options.block_size, options.symmetric is not False, head_level,
-                      sources or {})
-    left = sorted(set(sources or {}) & {t.name for t in out.graph.initializer})
-    if left:
-        raise ExportError(f"placeholder weights left unquantized: {', '.join(left)}")
+    quantize_matmuls(out, head, head_bits, options.block_size, symmetric, head_level, sources, base_dir)
+    _materialize(out, sources)
     made = [n for n in out.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
     if len(made) != len(selected):
         raise ExportError(f"quantizer produced {len(made)} MatMulNBits nodes for {len(selected)} selected MatMuls")
@@ -247,29 +236,32 @@ def quantize_weights(
     return out
 
 
-#: Bytes of float32 weight copied at a time by :func:`quantize_head`.
-HEAD_SLICE_BYTES = 64 << 20
+#: Bytes of float32 weight copied at a time by :func:`quantize_matmuls`.
+SLICE_BYTES = 64 << 20
 
 
-def quantize_head(
+def quantize_matmuls(
     model: onnx.ModelProto,
     nodes: Collection[str],
     bits: int,
     block_size: int,
     symmetric: bool,
     accuracy_level: int,
-    sources: Mapping[str, np.ndarray],
+    sources: dict[str, np.ndarray],
+    base_dir: str | Path | None = None,
 ) -> None:
     """Turn the ``MatMul`` nodes named in ``nodes`` into ``MatMulNBits``, in place.
 
-    The weight (initializer ``[K, N]``, or ``sources[name]``) is quantized
-    by ONNX Runtime's own C++ routine into the layout its quantizer writes
-    (``<w>_Q<bits>`` ``[N, K/block, block*bits/8]`` uint8, ``<w>_scales``,
-    ``<w>_zero_points`` when asymmetric; node ``<name>_Q<bits>`` in the
-    MatMul's place), bit for bit. Blocks run along K within one output
-    column, so columns are quantized a slice at a time: the quantizer's
-    whole-matrix float copies made its peak 2.2-2.7x the model's weights on
-    a 1.1M-token vocabulary.
+    The weight (initializer ``[K, N]``, or ``sources[name]``, which is then
+    removed from ``sources``) is rounded by ONNX Runtime's own C++ routine
+    into the layout its quantizer writes (``<w>_Q<bits>``
+    ``[N, K/block, block*bits/8]`` uint8, ``<w>_scales``, ``<w>_zero_points``
+    when asymmetric; node ``<name>_Q<bits>`` in the MatMul's place), bit
+    for bit. Blocks run along K within one output column, so columns are
+    rounded a slice of :data:`SLICE_BYTES` at a time.
+
+    An initializer in external data is read memory-mapped from ``base_dir``
+    (the folder of the graph file), whose data file then still holds it.
 
     Raises:
         ExportError: a named node's weight is neither an initializer nor in ``sources``.
@@ -283,11 +275,13 @@ def quantize_head(
     for index, node in enumerate(list(graph.node)):
         if node.name not in nodes:
             continue
-        name = node.input[1]
+        name, activations, output = node.input[1], node.input[0], node.output[0]
         if name in sources:
-            weight = sources[name]
+            weight = sources.pop(name)
         elif name in inits and inits[name].data_location != onnx.TensorProto.EXTERNAL:
             weight = numpy_helper.to_array(inits[name])
+        elif name in inits and base_dir is not None and _location(inits[name]) not in (None, PLACEHOLDER):
+            weight = _mapped(inits[name], Path(base_dir))
         else:
             raise ExportError(f"{node.name}: weight {name!r} is neither an in-graph initializer nor handed over")
         k, n = weight.shape
@@ -297,7 +291,7 @@ def quantize_head(
         packed = np.zeros((n, kb, -(-block_size // per_byte)), np.uint8)
         scales = np.zeros((n, kb), dtype)
         zero_points = np.zeros((n, -(-kb // per_byte)), np.uint8)
-        step = max(1, HEAD_SLICE_BYTES // max(1, k * 4))
+        step = max(1, SLICE_BYTES // max(1, k * 4))
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             part = np.ascontiguousarray(weight[:, c0:c1], dtype=dtype)
@@ -305,51 +299,49 @@ def quantize_head(
                 part = np.pad(part, ((0, kb * block_size - k), (0, 0)))
             # K unpadded, as ONNX Runtime's quantizer passes it.
             fn(packed[c0:c1], part, scales[c0:c1], zero_points[c0:c1], block_size, c1 - c0, k, symmetric)
-        del weight
+        del weight, part
         made = [numpy_helper.from_array(packed, f"{name}_Q{bits}"), numpy_helper.from_array(scales, f"{name}_scales")]
         if not symmetric:
             made.append(numpy_helper.from_array(zero_points, f"{name}_zero_points"))
         attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        graph.node.remove(node)
-        graph.node.insert(index, helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in made)],
-                                                  [node.output[0]], name=f"{node.name}_Q{bits}", domain=MS_DOMAIN,
-                                                  **attrs))
-        still_used = any(name in other.input for other in graph.node)
-        for t in list(graph.initializer) if not still_used else []:
-            if t.name == name:
-                graph.initializer.remove(t)
+        del graph.node[index]
+        graph.node.insert(index, helper.make_node("MatMulNBits", [activations, *(t.name for t in made)], [output],
+                                                  name=f"{node.name}_Q{bits}", domain=MS_DOMAIN, **attrs))
+        if not any(name in other.input for other in graph.node):
+            # By index: remove() would compare the float weight's bytes with every initializer's.
+            at = next((i for i, t in enumerate(graph.initializer) if t.name == name), None)
+            if at is not None:
+                del graph.initializer[at]
         graph.initializer.extend(made)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _run_ort_quantizer(
-    quantizer: type, model: onnx.ModelProto, chosen: set[str], bits: int, options: QuantOptions, level: int
-) -> onnx.ModelProto:
-    """ONNX Runtime's RTN quantizer on exactly the ``chosen`` MatMul nodes."""
-    # The ORT quantizer also picks every op of `op_types_to_quantize`; exclude
-    # all other nodes so only our selection is touched.
-    exclude = [n.name for n in model.graph.node if n.name not in chosen]
-    quant = quantizer(
-        model,
-        bits=bits,
-        block_size=options.block_size,
-        is_symmetric=options.symmetric is not False,  # None (unresolved): symmetric
-        accuracy_level=level or None,
-        nodes_to_exclude=exclude,
-        nodes_to_include=sorted(chosen),
-        op_types_to_quantize=("MatMul",),
-    )
-    noisy = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level_before = noisy.level
-    noisy.setLevel(logging.WARNING)  # it logs every node at INFO
-    try:
-        quant.process()
-    finally:
-        noisy.setLevel(level_before)
-    return quant.model.model
+#: ``location`` of a placeholder's external data (see :class:`~..export.onnx_io.ExternalData`):
+#: a name no file has, so a placeholder saved by mistake fails to load instead of reading other bytes.
+PLACEHOLDER = "<handed to the quantizer>"
+
+
+def _location(t: onnx.TensorProto) -> str | None:
+    return next((e.value for e in t.external_data if e.key == "location"), None)
+
+
+def _mapped(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    info = {e.key: e.value for e in t.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.memmap(base_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                     shape=tuple(t.dims))
+
+
+def _materialize(model: onnx.ModelProto, sources: dict[str, np.ndarray]) -> None:
+    """Placeholders whose weight no quantized node consumed get their values, in floating point."""
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in sources:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(sources.pop(t.name)), t.name))
+    if sources:
+        raise ExportError(f"weights handed over for tensors the graph does not have: {', '.join(sorted(sources)[:5])}")
 
 
 def assert_state_untouched(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
