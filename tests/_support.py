@@ -4,6 +4,10 @@ between tests/ and tests/gpu/, so shared markers live here)."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +63,32 @@ def ort_quantizer(model, chosen: set[str], bits: int, options, level: int):
     )
     quant.process()
     return quant.model.model
+
+
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from a
+# (large) test process would report the parent's resident memory.
+_MEASURED_CLI = """
+import sys
+from dijiang_deploy.cli import main
+code = main(sys.argv[1:])
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(f"PEAK_RSS {hwm * 1024}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def measured_cli(*argv: str) -> float:
+    """``dijiang-deploy ARGV`` in a child process; returns its peak resident memory in bytes.
+
+    Raises AssertionError (with the tail of its stderr) when the command fails."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURED_CLI, *argv], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return float(proc.stderr.rsplit("PEAK_RSS ", 1)[1].split()[0])
+
+
+def skip_unless_disk(base: Path, needed: int, what: str) -> None:
+    """Skip the calling test or module when ``base``'s file system has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        pytest.skip(f"{what} needs {needed / 2**30:.0f} GiB of free disk for its tests; "
+                    f"{free / 2**30:.1f} GiB free under {base}")

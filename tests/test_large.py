@@ -5,7 +5,6 @@ untied vocabulary (2.1 GiB of float32 weights, almost all embedding and
 head). Its decoder weights are snapped to the int4 grid and the grid is
 recorded, so the int4 export (float activations, float head) multiplies by
 exactly the checkpoint's weights and must match PyTorch as closely as fp32.
-A second model puts the weight in 9 TinyLlama-shaped layers instead.
 """
 
 from __future__ import annotations
@@ -13,13 +12,12 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _support import measured_cli, skip_unless_disk
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +30,7 @@ DISK_NEEDED = 6 * 2**30
 
 @pytest.fixture(scope="module", autouse=True)
 def _disk(tmp_path_factory):
-    free = shutil.disk_usage(tmp_path_factory.getbasetemp()).free
-    if free < DISK_NEEDED:
-        pytest.skip(f"a 2 GiB model needs {DISK_NEEDED / 2**30:.0f} GiB of free disk for its tests; "
-                    f"{free / 2**30:.1f} GiB free under {tmp_path_factory.getbasetemp()}")
+    skip_unless_disk(tmp_path_factory.getbasetemp(), DISK_NEEDED, "a 2 GiB model")
 
 
 @pytest.fixture(autouse=True)
@@ -70,27 +65,8 @@ def checkpoint(module_tmp) -> dict:
 
 
 
-# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from this
-# (large) test process would report the parent's resident memory.
-_MEASURED_CLI = """
-import sys
-from dijiang_deploy.cli import main
-code = main(sys.argv[1:])
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(f"PEAK_RSS {hwm * 1024}", file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def _measured(*argv: str) -> float:
-    """``dijiang-deploy ARGV`` in a child process; returns its peak resident memory in bytes."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURED_CLI, *argv], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return float(proc.stderr.rsplit("PEAK_RSS ", 1)[1].split()[0])
-
-
 def _export(ckpt: Path, out: Path, *flags: str) -> float:
-    return _measured("export", str(ckpt), "-o", str(out), *flags)
+    return measured_cli("export", str(ckpt), "-o", str(out), *flags)
 
 
 def test_convert_a_large_hugging_face_folder(tmp_path):
@@ -119,7 +95,7 @@ def test_convert_a_large_hugging_face_folder(tmp_path):
     gc.collect()
 
     out = tmp_path / "dj"
-    peak = _measured("convert", str(src), "-o", str(out), "-q")
+    peak = measured_cli("convert", str(src), "-o", str(out), "-q")
     weights = sorted(out.glob("*.safetensors"))
     assert sum(w.stat().st_size for w in weights) >= nbytes
     located = {}
@@ -254,47 +230,3 @@ def test_verify_on_a_large_export(checkpoint, tmp_path):
     _export(checkpoint["dir"], tmp_path / "fp32")
     report = verify(tmp_path / "fp32", checkpoint["dir"], tokens=12, greedy_tokens=4)
     assert report.ok, report.lines()
-
-
-def test_a_multi_layer_model_past_2_gib(tmp_path):
-    """9 TinyLlama-shaped layers (80% of 2.3 GB in the layers), int4 through the
-    inline builder (the layers' weights handed to the quantizer, never copied into
-    the graph) and through the traced flavor (read from its data file, which is
-    rewritten): the two agree with each other and with PyTorch, leave no float
-    copy of the layers in the folder, and peak near 2x the weights."""
-    from dijiang_deploy.checkpoint import save_checkpoint
-    from dijiang_deploy.contract.manifest import Manifest
-    from dijiang_deploy.runtime import Model
-    from dijiang_deploy.testing import random_model
-
-    model = random_model("llama", seed=2, vocab_size=32_000, hidden_size=2048, num_hidden_layers=9,
-                         num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632, tie_word_embeddings=False)
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert nbytes > 2 * 2**30
-    ckpt = save_checkpoint(model, tmp_path / "ckpt", max_shard_bytes=1 << 30)
-    prompt = [5, 900, 17, 12_345, 42, 31_999, 7, 311]
-    with torch.no_grad():
-        want = model(torch.tensor([prompt]), mode="chunked").logits[0, -1].numpy().copy()
-    del model
-    gc.collect()
-    got = {}
-    for name, flags in (("inline", []), ("traced", ["--attention-op", "linear-attention"])):
-        out = tmp_path / name
-        # Symmetric in both (the inline flavor alone would default to zero points), float compute
-        # (level 4's int8 activations would flip a code wherever reassociation crosses a rounding edge).
-        peak = _export(ckpt, out, "--weights", "int4", "--no-calibrate", "--symmetric", "--accuracy-level", "0", *flags)
-        man = Manifest.load(out)
-        assert man.weights == "int4" and man.num_layers == 9
-        held = sum(f.stat().st_size for f in out.iterdir())
-        assert held < nbytes / 3, f"{name}: {held} bytes on disk, a float copy of the layers is left"
-        got[name] = Model.open(out, load_tokenizer=False).session().append(prompt)
-        ratio = peak / nbytes
-        print(f"9 layers, int4 {name}: export peak RSS {peak / 2**30:.2f} GiB = {ratio:.2f}x the weights")
-        # docs/large-models.md has the measured peaks (3.7x inline before the weights were handed over).
-        assert ratio <= 2.3, ratio
-        shutil.rmtree(out)
-    # The same integer weights (one rounding routine, both symmetric) through two graphs built
-    # independently: equal up to float reassociation (measured 2e-7 on a 4-layer tiny model).
-    assert np.abs(got["inline"] - got["traced"]).max() <= 1e-4 * np.abs(want).max()
-    # int4 round to nearest on random weights (not on a grid) over 9 layers: measured correlation 0.94.
-    assert np.corrcoef(got["inline"], want)[0, 1] > 0.85
