@@ -209,6 +209,10 @@ def _ingress_app():
                                            "param": None, "code": "invalid_api_key"}}, status_code=401)
 
         async def _body(self, request: Request):
+            """``(body, None)``, or ``(None, response)`` for a denied or malformed request."""
+            denied = self._denied(request)
+            if denied is not None:
+                return None, denied
             try:
                 body = await request.json()
             except ValueError:
@@ -220,9 +224,6 @@ def _ingress_app():
             return body, None
 
         async def _generate(self, kind: str, request: Request):
-            denied = self._denied(request)
-            if denied is not None:
-                return denied
             body, error = await self._body(request)
             if error is not None:
                 return error
@@ -267,9 +268,6 @@ def _ingress_app():
 
         @app.post("/tokenize")
         async def tokenize(self, request: Request):
-            denied = self._denied(request)
-            if denied is not None:
-                return denied
             body, error = await self._body(request)
             if error is not None:
                 return error
