@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dijiang_deploy.contract.errors import ExportError
 from dijiang_deploy.export import ExportOptions, Manifest, export_model, register_schema
 from dijiang_deploy.export import graph as export_graph
-from dijiang_deploy.export import quantized
+from dijiang_deploy.export import onnx_io, quantized
 from dijiang_deploy.quantization import nbits, qdq, select
 from dijiang_deploy.contract.manifest import MANIFEST_NAME
 from dijiang_deploy.export.op_counts import decode_op_counts
@@ -459,7 +459,7 @@ def test_head_from_a_handed_over_weight(bundle):
                               data_location=TensorProto.EXTERNAL)
     placeholder.external_data.add(key="location", value="not-written")
     proto.graph.initializer[index].CopyFrom(placeholder)
-    with pytest.raises(ExportError, match="neither an in-graph initializer nor handed over"):
+    with pytest.raises(ExportError, match="neither in the graph nor handed over"):
         nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=True))
     got = nbits.quantize_weights(proto, ExportOptions(weights="int4", quantize_head=True), sources={head.weight: weight})
     assert _graph_summary(got)[0] == _graph_summary(want)[0]
@@ -475,6 +475,42 @@ def test_head_from_a_handed_over_weight(bundle):
     with pytest.raises(ExportError, match="tensors the graph does not have"):
         nbits.quantize_weights(_proto_copy(bundle["llama"]["float"]), ExportOptions(weights="int4"),
                                sources={"no.such.weight_t": weight})
+
+
+@pytest.mark.parametrize("flavor", ["inline", "linear-attention"])
+def test_tied_head_of_a_large_export_is_quantized_from_its_data_file(flavor, tmp_path, monkeypatch):
+    """Past the external-data size a model's weights are in the graph's data
+    file, not the graph, in both the inline and the traced flavors. A tied head
+    (``Transpose`` of the embedding) is then quantized from the embedding read
+    memory-mapped from that file: to the same bytes, and the same logits, as
+    an export small enough to hold it in the graph."""
+    model = random_model("llama", seed=3, vocab_size=8192)
+    assert model.config.tie_word_embeddings
+    opts = ExportOptions(attention_op=flavor, weights="int4", quantize_head=True, calibrate=False)
+    export_model(model, tmp_path / "small", opts)
+    # 1 MiB: the 2 MiB embedding, and so the whole model, counts as large.
+    for module in (export_graph, onnx_io):
+        monkeypatch.setattr(module, "EXTERNAL_DATA_BYTES", 1 << 20)
+    export_model(model, tmp_path / "large", opts)
+    monkeypatch.undo()
+    graphs = {k: onnx.load(str(tmp_path / k / "model.onnx"), load_external_data=False) for k in ("small", "large")}
+    embed = {k: next(t for t in g.graph.initializer if tuple(t.dims) == (8192, 64)) for k, g in graphs.items()}
+    assert embed["large"].data_location == TensorProto.EXTERNAL and embed["small"].data_location == TensorProto.DEFAULT
+    heads = {}
+    for k in graphs:
+        full = onnx.load(str(tmp_path / k / "model.onnx"))
+        # The only 8192-wide MatMul of this model is its head.
+        (node,) = [n for n in full.graph.node if n.op_type == "MatMulNBits"
+                   and helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) == 8192]
+        inits = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
+        heads[k] = [inits[i] for i in node.input[1:] if i]
+    assert len(heads["large"]) == len(heads["small"]) >= 2
+    assert all(np.array_equal(a, b) for a, b in zip(heads["large"], heads["small"]))
+    ids = np.random.default_rng(0).integers(0, 8192, size=(1, 9))
+    small = Generator.from_pretrained(tmp_path / "small", load_tokenizer=False).score(ids)
+    large = Generator.from_pretrained(tmp_path / "large", load_tokenizer=False).score(ids)
+    # Same integer weights, same graph but for where the bytes live.
+    assert np.abs(small - large).max() <= 1e-6
 
 
 def test_selection_rules_on_toy_graph():

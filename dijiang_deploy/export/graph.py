@@ -344,8 +344,8 @@ def export_model(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sink = None
         if large and options.attention_op == "inline":
-            keep, hand_over = _quantizer_inputs(model, options) if quantized else (None, None)
-            sink = ExternalData(tmp / (MODEL_FILE + ".data"), keep=keep, hand_over=hand_over)
+            hand_over = _quantizer_inputs(model, options) if quantized else None
+            sink = ExternalData(tmp / (MODEL_FILE + ".data"), hand_over=hand_over)
         try:
             proto, opset = _step_graph(model, options, sink, tmp / MODEL_FILE if large else None)
         finally:
@@ -393,25 +393,20 @@ def _step_graph(model: DiJiangForCausalLM, options: ExportOptions, sink, path: P
 
 
 def _quantizer_inputs(model: DiJiangForCausalLM, options: ExportOptions):
-    """Which of the inline graph's weights the quantizer reads: ``(keep, hand_over)``.
-
-    ``keep``: held in the graph (the rest streams to disk). ``hand_over``:
-    the linear weights (and an untied head, when quantized), which the
-    quantizer reads from the PyTorch weights a slice at a time
-    (:func:`~..quantization.nbits.quantize_matmuls`), so the graph never
-    holds float copies of them.
+    """Which of the inline graph's weights the quantizer is handed rather than
+    finding them in the graph: the linear weights (and an untied head, when
+    quantized), read from the PyTorch weights a slice at a time
+    (:func:`~..quantization.nbits.quantize_matmuls`), so the graph never holds
+    float copies of them. A tied head's embedding is written to the data file
+    (the ``Gather`` needs it) and read back from there memory-mapped.
     """
-    tied_head = options.head_quantized and model.config.tie_word_embeddings
-
-    def keep(name: str) -> bool:
-        return tied_head and name == "embed.weight"
 
     def hand_over(name: str) -> bool:
         if name == "head.weight_t":
             return options.head_quantized and not model.config.tie_word_embeddings
         return name.endswith(".weight_t")
 
-    return keep, hand_over
+    return hand_over
 
 
 def _quantized(proto: onnx.ModelProto, options: ExportOptions, calibration: dict | None,

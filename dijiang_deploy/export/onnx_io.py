@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..quantization.nbits import PLACEHOLDER
+from ..quantization.select import placeholder
 
 #: Above this size the weights go to ``<model>.data`` beside the graph.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -82,13 +82,9 @@ class ExternalData:
     ALIGN = 4096
     BLOCK = 64 << 20
 
-    PLACEHOLDER = PLACEHOLDER
-
-    def __init__(self, path: Path, threshold: int = 1 << 20, keep=None, hand_over=None):
+    def __init__(self, path: Path, threshold: int = 1 << 20, hand_over=None):
         self.path = Path(path)
         self.threshold = threshold
-        #: name -> True for tensors to keep in the graph whatever their size (the quantizer's inputs).
-        self.keep = keep or (lambda name: False)
         #: name -> True for tensors the quantizer reads from ``handed_over`` instead: the graph
         #: gets a placeholder (dims, no data) and the value is held by reference, not copied.
         self.hand_over = hand_over or (lambda name: False)
@@ -100,12 +96,8 @@ class ExternalData:
         value = np.asarray(value)
         if self.hand_over(name):
             self.handed_over[name] = value
-            t = onnx.TensorProto(name=name, dims=list(value.shape),
-                                 data_type=helper.np_dtype_to_tensor_dtype(value.dtype))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.add(key="location", value=self.PLACEHOLDER)
-            return t
-        if value.nbytes < self.threshold or self.keep(name):
+            return placeholder(name, list(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
+        if value.nbytes < self.threshold:
             return numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name)
         pad = -self._offset % self.ALIGN
         self._fh.write(b"\0" * pad)

@@ -169,6 +169,51 @@ def _quantized_error(
     return err
 
 
+def _capture_inputs(model: DiJiangForCausalLM, groups: list, ids: torch.Tensor) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """Each group's input activations ``[rows, in]`` (float32) over the calibration
+    rows ``ids``, keyed by ``(layer, group name)``."""
+    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    for i, layer_groups in enumerate(groups):
+        for g in layer_groups:
+            def hook(_m, args, key=(i, g.name)):
+                captured.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+            handles.append(g.reader.register_forward_pre_hook(hook))
+    try:
+        for row in ids:
+            # Only the layers' inputs are wanted: the head runs on one position, not on a [L, vocab] block.
+            model.step(row[None], model.new_state(1), mode="chunked", last_logits_only=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _best_scale(x: torch.Tensor, g, quantize) -> tuple[float, float, float, float, torch.Tensor]:
+    """The ``alpha`` of :data:`ALPHAS` whose input scaling ``s = mean|x|**alpha`` gives
+    ``g``'s weights the least quantized output error on the activations ``x``.
+
+    Returns ``(reference output energy, error unscaled, best error, best alpha, best s [in])``;
+    a group with nothing to fold the inverse scale into keeps ``alpha = 0``.
+    """
+    weights = [_as_out_in(w, axis).clone() for w, axis in g.weights]
+    refs = [x @ w.T for w in weights]
+    norm = sum(float(r.pow(2).sum()) for r in refs) or 1.0
+    ones = torch.ones(x.shape[1])
+    base_err = _quantized_error(x, weights, refs, ones, quantize)
+    best_err, best_alpha, best_s = base_err, 0.0, ones
+    if g.fold is not None:
+        mean_abs = x.abs().mean(0).clamp_min(1e-6)
+        for alpha in ALPHAS[1:]:
+            s = mean_abs.pow(alpha)
+            s = s / (s.max() * s.min()).sqrt()
+            err = _quantized_error(x, weights, refs, s, quantize)
+            if err < best_err:
+                best_err, best_alpha, best_s = err, alpha, s
+    return norm, base_err, best_err, best_alpha, best_s
+
+
 @torch.no_grad()
 def calibrate_for_quantization(
     model: DiJiangForCausalLM,
@@ -204,21 +249,7 @@ def calibrate_for_quantization(
     shared = {id(t): t for t in (model.body.embed.weight, model.head.weight) if t.dtype == torch.float32}
     model = (model if in_place else copy.deepcopy(model, memo=shared)).float().eval()
     groups = _groups(model)
-    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
-    handles = []
-    for i, layer_groups in enumerate(groups):
-        for g in layer_groups:
-            def hook(_m, args, key=(i, g.name)):
-                captured.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-
-            handles.append(g.reader.register_forward_pre_hook(hook))
-    try:
-        for row in ids:
-            # Only the layers' inputs are wanted: the head runs on one position, not on a [L, vocab] block.
-            model.step(row[None], model.new_state(1), mode="chunked", last_logits_only=True)
-    finally:
-        for h in handles:
-            h.remove()
+    captured = _capture_inputs(model, groups, ids)
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(ort_rtn(w.T.numpy(), bits, block_size, symmetric).T))
@@ -230,20 +261,7 @@ def calibrate_for_quantization(
         for g in layer_groups:
             x = torch.cat(captured.pop((i, g.name)))
             x = x[:: max(1, math.ceil(len(x) / search_rows))]
-            weights = [_as_out_in(w, axis).clone() for w, axis in g.weights]
-            refs = [x @ w.T for w in weights]
-            norm = sum(float(r.pow(2).sum()) for r in refs) or 1.0
-            ones = torch.ones(x.shape[1])
-            base_err = _quantized_error(x, weights, refs, ones, quantize)
-            best_err, best_alpha, best_s = base_err, 0.0, ones
-            if g.fold is not None:
-                mean_abs = x.abs().mean(0).clamp_min(1e-6)
-                for alpha in ALPHAS[1:]:
-                    s = mean_abs.pow(alpha)
-                    s = s / (s.max() * s.min()).sqrt()
-                    err = _quantized_error(x, weights, refs, s, quantize)
-                    if err < best_err:
-                        best_err, best_alpha, best_s = err, alpha, s
+            norm, base_err, best_err, best_alpha, best_s = _best_scale(x, g, quantize)
             if best_alpha > 0:
                 for w, axis in g.weights:
                     w.mul_(best_s[None, :] if axis == 1 else best_s[:, None])

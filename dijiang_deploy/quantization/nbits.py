@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from ..contract.errors import ExportError
 from ..contract.names import QUANT_METADATA_KEY as METADATA_KEY
-from .select import LinearWeight, find_linear_weights, initializers, num_layers
+from .select import LinearWeight, find_linear_weights, initializers, num_layers, tensor_values
 
 log = logging.getLogger(__name__)
 
@@ -183,34 +183,18 @@ def quantize_weights(
     if quantization_info(proto) is not None or any(n.domain == MS_DOMAIN for n in proto.graph.node):
         raise ExportError("the graph is already quantized")
     if in_place:
-        model = proto
-        before = onnx.ModelProto()
-        before.graph.node.extend(proto.graph.node)
-        before.graph.input.extend(proto.graph.input)
-        before.graph.output.extend(proto.graph.output)
-        before.graph.initializer.extend(t for t in proto.graph.initializer if t.name.endswith(("proj_matrix", ".D1", ".D2")))
+        model, before = proto, _state_snapshot(proto)
     else:
-        model = onnx.ModelProto()
+        model, before = onnx.ModelProto(), proto
         model.CopyFrom(proto)
-        before = proto
-    selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True)
-    unknown = sorted(set(keep_float) - {w.node for w in selected})
-    if unknown:
-        raise ExportError(
-            f"keep_float names {len(unknown)} node(s) that are not quantizable linear MatMuls: {', '.join(unknown[:5])}"
-        )
-    for w in [w for w in selected if w.node in keep_float]:
-        selected.remove(w)
-        skipped[w.node] = "kept in floating point (keep_float)"
-    if not selected:
-        raise ExportError("no linear-layer MatMul with a constant weight found: nothing to quantize")
+    sources = dict(sources or {})
+    selected, skipped = _select(model, options, keep_float, sources, base_dir)
     level = DEFAULT_ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
     head_bits = max(bits, HEAD_BITS)
     head = {w.node for w in selected if w.role == "head"}
     body = {w.node for w in selected} - head
     out = model
     symmetric = options.symmetric is not False  # None (unresolved): symmetric
-    sources = dict(sources or {})
     quantize_matmuls(out, body, bits, options.block_size, symmetric, level, sources, base_dir)
     head_level = level
     if head and head_bits != bits:
@@ -234,6 +218,41 @@ def quantize_weights(
     set_metadata(out, record("matmulnbits", bits, options, selected, skipped, layers, accuracy_level=level, **extra))
     log.info("quantized %d MatMuls to %d-bit MatMulNBits (block %d)", len(selected), bits, options.block_size)
     return out
+
+
+def _state_snapshot(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """What :func:`~.qdq.assert_state_untouched` compares, copied from ``proto``
+    before it is quantized in place: its nodes, inputs, outputs and the small
+    attention constants, not the weights."""
+    before = onnx.ModelProto()
+    before.graph.node.extend(proto.graph.node)
+    before.graph.input.extend(proto.graph.input)
+    before.graph.output.extend(proto.graph.output)
+    before.graph.initializer.extend(t for t in proto.graph.initializer if t.name.endswith(("proj_matrix", ".D1", ".D2")))
+    return before
+
+
+def _select(model: onnx.ModelProto, options: QuantOptions, keep_float: Collection[str],
+            sources: dict[str, np.ndarray], base_dir: str | Path | None) -> tuple[list, dict[str, str]]:
+    """The linear weights to quantize and the reasons for those left in float
+    (a tied head's transposed embedding is added to ``sources``).
+
+    Raises:
+        ExportError: ``keep_float`` names a node that is not a linear MatMul, or nothing is left to quantize.
+    """
+    selected, skipped = find_linear_weights(model, include_head=options.head_quantized, materialize=True,
+                                            hand_over=sources, base_dir=base_dir)
+    unknown = sorted(set(keep_float) - {w.node for w in selected})
+    if unknown:
+        raise ExportError(
+            f"keep_float names {len(unknown)} node(s) that are not quantizable linear MatMuls: {', '.join(unknown[:5])}"
+        )
+    for w in [w for w in selected if w.node in keep_float]:
+        selected.remove(w)
+        skipped[w.node] = "kept in floating point (keep_float)"
+    if not selected:
+        raise ExportError("no linear-layer MatMul with a constant weight found: nothing to quantize")
+    return selected, skipped
 
 
 #: Bytes of float32 weight copied at a time by :func:`quantize_matmuls`.
@@ -278,12 +297,13 @@ def quantize_matmuls(
         name, activations, output = node.input[1], node.input[0], node.output[0]
         if name in sources:
             weight = sources.pop(name)
-        elif name in inits and inits[name].data_location != onnx.TensorProto.EXTERNAL:
-            weight = numpy_helper.to_array(inits[name])
-        elif name in inits and base_dir is not None and _location(inits[name]) not in (None, PLACEHOLDER):
-            weight = _mapped(inits[name], Path(base_dir))
+        elif name in inits:
+            try:
+                weight = tensor_values(inits[name], base_dir)
+            except ValueError as e:
+                raise ExportError(f"{node.name}: weight {name!r} is neither in the graph nor handed over ({e})") from e
         else:
-            raise ExportError(f"{node.name}: weight {name!r} is neither an in-graph initializer nor handed over")
+            raise ExportError(f"{node.name}: weight {name!r} is not an initializer and was not handed over")
         k, n = weight.shape
         # fp16 weights keep fp16 scales, as the quantizer does (MatMulNBits binds them to the activations' type).
         dtype = np.float16 if weight.dtype == np.float16 else np.float32
@@ -319,20 +339,6 @@ def quantize_matmuls(
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-#: ``location`` of a placeholder's external data (see :class:`~..export.onnx_io.ExternalData`):
-#: a name no file has, so a placeholder saved by mistake fails to load instead of reading other bytes.
-PLACEHOLDER = "<handed to the quantizer>"
-
-
-def _location(t: onnx.TensorProto) -> str | None:
-    return next((e.value for e in t.external_data if e.key == "location"), None)
-
-
-def _mapped(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
-    info = {e.key: e.value for e in t.external_data}
-    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    return np.memmap(base_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
-                     shape=tuple(t.dims))
 
 
 def _materialize(model: onnx.ModelProto, sources: dict[str, np.ndarray]) -> None:

@@ -13,6 +13,7 @@ decay tables, the recurrence and its float32 state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,8 +108,51 @@ def _transposed_source(
     return t
 
 
+#: ``location`` of a placeholder's external data: a tensor whose values the
+#: quantizer is handed separately. A name no file has, so a placeholder saved
+#: by mistake fails to load instead of reading other bytes.
+PLACEHOLDER = "<handed to the quantizer>"
+
+
+def placeholder(name: str, dims: list[int], data_type: int) -> onnx.TensorProto:
+    """An initializer with dims and type but no data (see :data:`PLACEHOLDER`)."""
+    t = onnx.TensorProto(name=name, dims=list(dims), data_type=data_type)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=PLACEHOLDER)
+    return t
+
+
+def external_location(t: onnx.TensorProto) -> str | None:
+    """The file an external-data tensor's values are in (None: in the graph)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in t.external_data if e.key == "location"), None)
+
+
+def tensor_values(t: onnx.TensorProto, base_dir: str | Path | None = None) -> np.ndarray:
+    """``t``'s values: copied from the graph, or memory-mapped (read-only) from
+    its external data file under ``base_dir`` (the graph file's folder).
+
+    Raises:
+        ValueError: ``t`` is external data and no ``base_dir`` is given, or is a placeholder.
+    """
+    location = external_location(t)
+    if location is None:
+        return numpy_helper.to_array(t)
+    if base_dir is None or location == PLACEHOLDER:
+        raise ValueError(f"{t.name}: its values are not in the graph ({location!r}) and no folder to read them from")
+    info = {e.key: e.value for e in t.external_data}
+    return np.memmap(Path(base_dir) / location, dtype=helper.tensor_dtype_to_np_dtype(t.data_type), mode="r",
+                     offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+
+
 def find_linear_weights(
-    model: onnx.ModelProto, include_head: bool = False, materialize: bool = False
+    model: onnx.ModelProto,
+    include_head: bool = False,
+    materialize: bool = False,
+    *,
+    hand_over: dict[str, np.ndarray] | None = None,
+    base_dir: str | Path | None = None,
 ) -> tuple[list[LinearWeight], dict[str, str]]:
     """Select the MatMuls to quantize in ``model``'s main graph.
 
@@ -116,7 +160,11 @@ def find_linear_weights(
     a tied LM head as ``Transpose(embedding)``). With ``materialize`` such
     selected weights are folded in place into a new ``[K, N]`` initializer
     (the embedding itself stays for the ``Gather``), so the quantizer can
-    consume them; without it ``weight`` names the transposed source.
+    consume them; without it ``weight`` names the transposed source. With
+    ``hand_over`` as well, the new initializer is only a placeholder and
+    ``hand_over[weight]`` the transposed view of the source's values (read
+    memory-mapped from ``base_dir`` when the source is external data), so a
+    tied head past 2 GiB is never copied whole.
 
     Returns ``(selected, skipped)``; ``skipped`` maps a MatMul's node name to
     the reason it is left in floating point (``feature-map projection``,
@@ -161,7 +209,11 @@ def find_linear_weights(
         weight = b
         if source is not None and materialize:
             weight = f"{source.name}.T_{node.name}"
-            folded = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(source).T), weight)
+            if hand_over is not None:
+                hand_over[weight] = tensor_values(source, base_dir).T
+                folded = placeholder(weight, [k, n], source.data_type)
+            else:
+                folded = numpy_helper.from_array(np.ascontiguousarray(tensor_values(source, base_dir).T), weight)
             graph.initializer.append(folded)
             inits[weight] = folded
             node.input[1] = weight
