@@ -221,7 +221,7 @@ def quantize_weights(
 
 
 def _state_snapshot(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """What :func:`~.qdq.assert_state_untouched` compares, copied from ``proto``
+    """What :func:`assert_state_untouched` compares, copied from ``proto``
     before it is quantized in place: its nodes, inputs, outputs and the small
     attention constants, not the weights."""
     before = onnx.ModelProto()
