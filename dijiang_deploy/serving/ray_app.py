@@ -208,7 +208,7 @@ def _ingress_app():
             return JSONResponse({"error": {"message": "invalid or missing API key", "type": "invalid_request_error",
                                            "param": None, "code": "invalid_api_key"}}, status_code=401)
 
-        async def _body(self, request: Request):
+        async def _authorized_body(self, request: Request):
             """``(body, None)``, or ``(None, response)`` for a denied or malformed request."""
             denied = self._denied(request)
             if denied is not None:
@@ -224,7 +224,7 @@ def _ingress_app():
             return body, None
 
         async def _generate(self, kind: str, request: Request):
-            body, error = await self._body(request)
+            body, error = await self._authorized_body(request)
             if error is not None:
                 return error
             key = affinity_key(body, request.headers.get(SESSION_HEADER))
@@ -268,7 +268,7 @@ def _ingress_app():
 
         @app.post("/tokenize")
         async def tokenize(self, request: Request):
-            body, error = await self._body(request)
+            body, error = await self._authorized_body(request)
             if error is not None:
                 return error
             out = await self.engine.tokenize.remote(body)
