@@ -496,6 +496,11 @@ def test_tied_head_of_a_large_export_is_quantized_from_its_data_file(flavor, tmp
     graphs = {k: onnx.load(str(tmp_path / k / "model.onnx"), load_external_data=False) for k in ("small", "large")}
     embed = {k: next(t for t in g.graph.initializer if tuple(t.dims) == (8192, 64)) for k, g in graphs.items()}
     assert embed["large"].data_location == TensorProto.EXTERNAL and embed["small"].data_location == TensorProto.DEFAULT
+    # Without the folder its data lives in, an external tensor is a one-line error naming it, not a read elsewhere.
+    with pytest.raises(ExportError, match=f"{embed['large'].name}: its values are not in the graph"):
+        select.tensor_values(embed["large"])
+    mapped = select.tensor_values(embed["large"], tmp_path / "large")
+    assert np.array_equal(mapped, numpy_helper.to_array(embed["small"]))
     heads = {}
     for k in graphs:
         full = onnx.load(str(tmp_path / k / "model.onnx"))

@@ -300,7 +300,7 @@ def quantize_matmuls(
         elif name in inits:
             try:
                 weight = tensor_values(inits[name], base_dir)
-            except ValueError as e:
+            except ExportError as e:
                 raise ExportError(f"{node.name}: weight {name!r} is neither in the graph nor handed over ({e})") from e
         else:
             raise ExportError(f"{node.name}: weight {name!r} is not an initializer and was not handed over")
@@ -337,8 +337,6 @@ def quantize_matmuls(
         graph.initializer.extend(made)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-
-
 
 
 def _materialize(model: onnx.ModelProto, sources: dict[str, np.ndarray]) -> None:

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..contract.errors import ExportError
+
 
 def node_attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
@@ -134,13 +136,13 @@ def tensor_values(t: onnx.TensorProto, base_dir: str | Path | None = None) -> np
     its external data file under ``base_dir`` (the graph file's folder).
 
     Raises:
-        ValueError: ``t`` is external data and no ``base_dir`` is given, or is a placeholder.
+        ExportError: ``t`` is external data and no ``base_dir`` is given, or is a placeholder.
     """
     location = external_location(t)
     if location is None:
         return numpy_helper.to_array(t)
     if base_dir is None or location == PLACEHOLDER:
-        raise ValueError(f"{t.name}: its values are not in the graph ({location!r}) and no folder to read them from")
+        raise ExportError(f"{t.name}: its values are not in the graph ({location!r}) and no folder to read them from")
     info = {e.key: e.value for e in t.external_data}
     return np.memmap(Path(base_dir) / location, dtype=helper.tensor_dtype_to_np_dtype(t.data_type), mode="r",
                      offset=int(info.get("offset", 0)), shape=tuple(t.dims))
