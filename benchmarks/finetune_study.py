@@ -1,6 +1,6 @@
 """Fine-tuning studies behind docs/finetune-results.md ("Stage split and stage-2 learning rate").
 
-Three commands, each printing one line per result:
+Four commands, each printing one line per result:
 
     # a recipe variant: FinetuneConfig fields the CLI does not expose
     python benchmarks/finetune_study.py recipe CONVERTED OUT --minutes 9 --set stage1.fraction=0.7 --set stage2.lr=6e-4
@@ -8,6 +8,8 @@ Three commands, each printing one line per result:
     python benchmarks/finetune_study.py positions CHECKPOINT
     # the teacher with one DiJiang layer of CHECKPOINT swapped in, for every layer, then all
     python benchmarks/finetune_study.py layers CHECKPOINT
+    # the GroupNorm error floor: o_proj refitted through each normaliser layout
+    python benchmarks/finetune_study.py groupnorm CHECKPOINT --fit-tokens 8192
 
 The held-out text is the one shipped in the package (windows of 512, each from
 an empty state, as ``dijiang-deploy eval`` scores it); the teacher is the
@@ -26,6 +28,8 @@ from dijiang_deploy.checkpoint import load_model
 from dijiang_deploy.finetune import FinetuneConfig, finetune
 from dijiang_deploy.data import heldout_text
 from dijiang_deploy.data.text import load_tokenizer
+from dijiang_deploy.finetune.data import builtin_corpus, pack
+from dijiang_deploy.finetune.floors import floor_table, output_floors
 from dijiang_deploy.finetune.teacher import load_teacher, softmax_attention
 
 WINDOW = 512
@@ -99,6 +103,16 @@ def _hybrid(teacher, student, windows: list[torch.Tensor], swap: set[int]) -> fl
     return math.exp(total / count)
 
 
+def _groupnorm(teacher, student, checkpoint: str, windows: list[torch.Tensor], fit_tokens: int) -> None:
+    """Fit on packed built-in text (sequences of 256 from position 0), score on the held-out windows."""
+    tok = load_tokenizer(checkpoint, student.config.vocab_size)
+    docs = [tok.encode(t) for t in builtin_corpus(4 * fit_tokens)]
+    fit = pack(docs, 256, fit_tokens, seed=0)
+    print(f"fit on {fit.numel()} tokens of built-in text, scored on {sum(w.numel() for w in windows)} held-out tokens",
+          flush=True)
+    print(floor_table(output_floors(teacher, student, fit, torch.cat(windows))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,10 +121,12 @@ def main() -> None:
     r.add_argument("out")
     r.add_argument("--minutes", type=float, default=9.0)
     r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    for name in ("positions", "layers"):
+    for name in ("positions", "layers", "groupnorm"):
         p = sub.add_parser(name)
         p.add_argument("checkpoint")
         p.add_argument("--teacher", help="default: the checkpoint's recorded source")
+        if name == "groupnorm":
+            p.add_argument("--fit-tokens", type=int, default=8192, help="built-in training text the fits see")
     args = parser.parse_args()
 
     if args.command == "recipe":
@@ -124,6 +140,9 @@ def main() -> None:
         return
     windows, student = _windows(args.checkpoint)
     teacher = load_teacher(args.teacher, args.checkpoint)
+    if args.command == "groupnorm":
+        _groupnorm(teacher, student, args.checkpoint, windows, args.fit_tokens)
+        return
     if args.command == "positions":
         print("student:", _by_position(windows, lambda w: student(w, mode="chunked").logits))
         print("teacher:", _by_position(windows, lambda w: teacher(w)[0]))

@@ -479,3 +479,80 @@ def test_cli_stage2_choices_match_the_config():
     from dijiang_deploy.finetune import cli, config
 
     assert cli.STAGE2_TRAIN == config.STAGE2_TRAIN
+
+
+# -- the GroupNorm error floor ------------------------------------------------------
+
+
+def test_groupnorm_floor_is_zero_without_a_normaliser_and_positive_through_one(trained):
+    from dijiang_deploy.finetune.floors import output_floors
+
+    # A teacher that learnt the toy text, so that its perplexity has something to lose.
+    teacher, student = trained["teacher"], load_model(trained["dir"])
+    ids = torch.tensor(trained["tok"].encode(trained["train"].read_text())[: 16 * 64]).view(16, 64)
+    floors = {f.layout: f for f in output_floors(teacher, student, ids[:8], ids[8:], sources=("teacher",), gated=(False,))}
+    # The teacher's own mix, un-normalised, is exactly what its projection maps to y,
+    # so the teacher run through those fits scores as the teacher itself.
+    assert max(floors["none"].heldout) < 1e-6
+    logits, _ = teacher(ids[8:])
+    own = math.exp(float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           ids[8:, 1:].reshape(-1))))
+    assert floors["none"].perplexity == pytest.approx(own, rel=1e-4)
+    assert floors["spec"].perplexity > own
+    # Either GroupNorm discards each group's scale, which no projection can restore.
+    assert min(floors["spec"].heldout) > 1e-2 and min(floors["per-head"].heldout) > 1e-2
+    with pytest.raises(DiJiangError, match="layout"):
+        output_floors(teacher, student, ids[:2], ids[2:4], layouts=("rms",))
+    with pytest.raises(DiJiangError, match="source"):
+        output_floors(teacher, student, ids[:2], ids[2:4], sources=("cache",))
+
+
+def test_groupnorm_floor_of_the_student_matches_the_stage1_refit():
+    """The spec layout on the student's gated mix is exactly the block that the
+    stage-1 refit solves (gpt_neox: its ``dense`` has a bias, as the floor fit does)."""
+    from dijiang_deploy.finetune.floors import output_floors
+    from dijiang_deploy.finetune.transfer import TeacherCache, refit_output
+
+    base = random_base("gpt_neox", seed=3)
+    teacher, student = SoftmaxTeacher.from_base(base), convert_base(base, progress=False)
+    ids = torch.randint(0, 90, (8, 64), generator=torch.Generator().manual_seed(1))
+    (floor,) = output_floors(teacher, student, ids, ids, layouts=("spec",), sources=("student",), gated=(True,))
+    # refit_output reads a cache; a float32 one (build_cache's is bf16) so both see the same inputs.
+    _, traces = teacher(ids, trace=True)
+    x, y = torch.stack([t.x for t in traces]), torch.stack([t.y for t in traces])
+    cache = TeacherCache(ids, x, y, torch.zeros(8, 64, 1), torch.zeros(8, 64, 1, dtype=torch.int32))
+    # Solved after the floors: the refit writes the projection weights, which the
+    # teacher and the student converted from one base share.
+    refit = refit_output(student, cache, torch.arange(8), ridge=1e-6)
+    assert floor.fit == pytest.approx(refit, rel=1e-4)
+    assert floor.heldout == floor.fit and floor.perplexity is None
+
+
+def test_cli_stage1_fraction_and_refit_reach_the_run(trained, tmp_path, monkeypatch):
+    import dijiang_deploy.finetune.api as api
+    from dijiang_deploy.finetune.config import Stage1Config
+
+    seen = {}
+
+    def fake_finetune(*_args, config, **_kw):
+        seen.update(fraction=config.stage1.fraction, refit=config.stage1.refit_output)
+        raise DiJiangError("stopped before training")
+
+    monkeypatch.setattr(api, "finetune", fake_finetune)
+    out = str(tmp_path / "o")
+    with pytest.raises(DiJiangError, match="stopped"):
+        _cli(["finetune", str(trained["dir"]), "-o", out, "--stage1-fraction", "0.2", "--no-refit"])
+    assert seen == {"fraction": 0.2, "refit": False}
+    with pytest.raises(DiJiangError, match="stopped"):
+        _cli(["finetune", str(trained["dir"]), "-o", out])
+    assert seen == {"fraction": 0.5, "refit": True}
+    for bad in ("0", "1", "nan"):
+        with pytest.raises(SystemExit):
+            _cli(["finetune", str(trained["dir"]), "-o", out, "--stage1-fraction", bad])
+    with pytest.raises(DiJiangError, match="fraction"):
+        Stage1Config(fraction=1.0)
+    cfg = small_config()
+    cfg.stage1 = dataclasses.replace(cfg.stage1, fraction=0.25)
+    res = finetune(trained["dir"], tmp_path / "ft", data=trained["train"], teacher=trained["teacher"], steps=8,
+                   progress=False, config=cfg)
+    assert (res.stage1_steps, res.stage2_steps) == (2, 6)

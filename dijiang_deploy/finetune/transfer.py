@@ -197,6 +197,27 @@ def layer_inputs(model: DiJiangForCausalLM, n: int, batch: int) -> tuple[torch.T
     return positions, cos, sin
 
 
+def output_projection_of(attn: torch.nn.Module) -> torch.nn.Linear:
+    """The block's output projection (``o_proj`` or ``dense``), unwrapped from an adapter."""
+    proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
+    return getattr(proj, "base", proj)
+
+
+def ridge_solve(z: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``W`` minimising ``||z W^T - y||^2 + ridge * mean(diag(z^T z)) ||W||^2``.
+
+    Args:
+        z: ``[T, I]`` float64 inputs (append a ones column for a bias).
+        y: ``[T, O]`` float64 targets.
+
+    Returns:
+        ``[O, I]`` float64.
+    """
+    gram = z.T @ z
+    gram += torch.eye(len(gram), dtype=gram.dtype, device=gram.device) * ridge * gram.diagonal().mean()
+    return torch.linalg.solve(gram, z.T @ y).T
+
+
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``||pred - target||^2 / ||target||^2`` (scalar, float32)."""
     t = target.float()
@@ -250,7 +271,7 @@ def refit_output(
     after = []
     for i, attn in enumerate(model.attention_layers()):
         proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
-        base = getattr(proj, "base", proj)  # LoRA-wrapped: refit the frozen base weight
+        base = output_projection_of(attn)  # LoRA-wrapped: refit the frozen base weight
         captured: list[torch.Tensor] = []
         handle = proj.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach()))
         try:
@@ -261,9 +282,7 @@ def refit_output(
         y = ys[i].reshape(-1, z.shape[1]).double()
         if base.bias is not None:
             z = torch.cat((z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)), dim=1)
-        gram = z.T @ z
-        gram += torch.eye(len(gram), dtype=gram.dtype, device=gram.device) * ridge * gram.diagonal().mean()
-        w = torch.linalg.solve(gram, z.T @ y).T  # [D, D(+1)]
+        w = ridge_solve(z, y, ridge)  # [D, D(+1)]
         if hasattr(proj, "lora_B"):
             proj.lora_B.zero_()  # the adapter restarts from the refitted weight
         if base.bias is not None:

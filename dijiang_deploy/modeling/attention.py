@@ -136,6 +136,26 @@ class DiJiangAttention(nn.Module):
         Returns:
             ``(y [B, N, D] in x.dtype, new_state [B, H, d, d] float32)``.
         """
+        o, new_state = self.mix(x, cos, sin, positions, mask, state, mode, chunk_size, core)
+        b, n, _ = o.shape
+        gn = self.group_norm
+        o = F.group_norm(o.reshape(b * n, -1), gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
+        return self.output_projection(self.gate(x) * o.reshape(b, n, -1).to(x.dtype)), new_state
+
+    def mix(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: torch.Tensor,
+        mode: str = "parallel",
+        chunk_size: int = 64,
+        core: Recurrence | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decayed linear attention before GroupNorm and the gate (arguments
+        as :meth:`forward`): ``(o [B, N, D] float32, heads merged; new_state)``."""
         q, k, v = self.project(x, cos, sin)
         g, k_scale, o_scale = self.decay_inputs(positions, mask)
         phi_q = self.feature_map(q)
@@ -147,11 +167,11 @@ class DiJiangAttention(nn.Module):
         if o_scale is not None:
             o = o * o_scale[..., None]
         b, _, n, _ = o.shape
-        o = o.transpose(1, 2).reshape(b * n, -1)
-        gn = self.group_norm
-        o = F.group_norm(o, gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps).reshape(b, n, -1)
-        gate = F.silu(x @ self.W_G.to(x.dtype))
-        return self.output_projection(gate * o.to(x.dtype)), new_state
+        return o.transpose(1, 2).reshape(b, n, -1), new_state
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(x @ W_G)`` for ``x [B, N, D]``, in ``x.dtype``."""
+        return F.silu(x @ self.W_G.to(x.dtype))
 
 
 class NeoXAttention(DiJiangAttention):
