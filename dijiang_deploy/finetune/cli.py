@@ -28,6 +28,9 @@ def _finetune(args: argparse.Namespace) -> int:
         cfg.data.generated = args.generated
     cfg.data = dataclasses.replace(cfg.data, max_scale=args.max_data_scale)
     cfg.stage2 = dataclasses.replace(cfg.stage2, train=args.stage2_train, hidden_weight=args.hidden_weight)
+    if args.stage1_fraction is not None:
+        cfg.stage1 = dataclasses.replace(cfg.stage1, fraction=args.stage1_fraction)
+    cfg.stage1 = dataclasses.replace(cfg.stage1, refit_output=args.refit)
     result = finetune(
         args.model_dir,
         args.output,
@@ -108,6 +111,16 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="what stage 2 trains: all (attention, MLPs and norms), attention (MLPs frozen: with --lora-rank the "
         "result ships as a small delta, see `convert --model smollm2`), adapters (needs --lora-rank: the MLPs through "
         "adapters too, and the norms; still a small delta), dijiang (only the new parameters)",
+    )
+    p.add_argument(
+        "--stage1-fraction", type=float_in(0.0, 1.0, low_open=True, high_open=True),
+        help="share of the budget (or of --steps) for stage 1 (default 0.5; less when continuing from a trained "
+        "conversion, whose attention transfer is already done)",
+    )
+    p.add_argument(
+        "--refit", action=argparse.BooleanOptionalAction, default=True,
+        help="least-squares refit of the output projections around stage 1 (--no-refit when continuing from a "
+        "trained conversion: the refit would replace what its stage 2 taught them)",
     )
     p.add_argument(
         "--hidden-weight", type=float_in(0.0, 100.0), default=0.0,

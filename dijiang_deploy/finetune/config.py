@@ -166,6 +166,10 @@ class Stage1Config:
     refit_rows: int = 16
     ridge: float = 1e-2
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction < 1.0):
+            raise DiJiangError(f"stage 1 fraction must be in (0, 1), got {self.fraction!r}")
+
 
 @dataclass
 class Stage2Config:
