@@ -142,18 +142,9 @@ class DiJiangAttention(nn.Module):
         o = F.group_norm(o.reshape(b * n, -1), gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
         return self.output_projection(self.gate(x) * o.reshape(b, n, -1).to(x.dtype)), new_state
 
-    def mix(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor | None,
-        state: torch.Tensor,
-        mode: str = "parallel",
-        chunk_size: int = 64,
-        core: Recurrence | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+            mask: torch.Tensor | None, state: torch.Tensor, mode: str = "parallel", chunk_size: int = 64,
+            core: Recurrence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decayed linear attention before GroupNorm and the gate (arguments
         as :meth:`forward`): ``(o [B, N, D] float32, heads merged; new_state)``."""
         q, k, v = self.project(x, cos, sin)
