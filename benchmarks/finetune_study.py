@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from dijiang_deploy.checkpoint import load_model
+from dijiang_deploy.cli_types import int_at_least
 from dijiang_deploy.finetune import FinetuneConfig, finetune
 from dijiang_deploy.data import heldout_text
 from dijiang_deploy.data.text import load_tokenizer
@@ -126,7 +127,8 @@ def main() -> None:
         p.add_argument("checkpoint")
         p.add_argument("--teacher", help="default: the checkpoint's recorded source")
         if name == "groupnorm":
-            p.add_argument("--fit-tokens", type=int, default=8192, help="built-in training text the fits see")
+            p.add_argument("--fit-tokens", type=int_at_least(256), default=8192,
+                           help="built-in training text the fits see (at least one 256-token sequence)")
     args = parser.parse_args()
 
     if args.command == "recipe":

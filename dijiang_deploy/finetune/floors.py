@@ -127,12 +127,10 @@ def output_floors(
     Raises:
         DiJiangError: an unknown layout or source, or models of different shapes.
     """
-    for s in sources:
-        if s not in SOURCES:
-            raise DiJiangError(f"unknown mix source {s!r}; expected one of {', '.join(SOURCES)}")
-    for layout in layouts:
-        if layout not in LAYOUTS:
-            raise DiJiangError(f"unknown normaliser layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    for what, names, allowed in (("mix source", sources, SOURCES), ("normaliser layout", layouts, LAYOUTS)):
+        for name in names:
+            if name not in allowed:
+                raise DiJiangError(f"unknown {what} {name!r}; expected one of {', '.join(allowed)}")
     if teacher.config.state_shape != student.config.state_shape or teacher.config.num_layers != student.config.num_layers:
         raise DiJiangError("teacher and student differ in shape: pass the student's own source model")
     h, d, eps = student.config.num_heads, student.config.head_dim, student.config.dijiang.group_norm_eps
@@ -201,7 +199,7 @@ def _through_fits(
 
 
 def floor_table(floors: list[Floor]) -> str:
-    """A Markdown table of mean (and worst-layer) held-out relative MSE."""
+    """A Markdown table: mean fit and held-out relative MSE, the worst layer, and the teacher's perplexity."""
     rows = ["| layout | mix | gate | fit (mean) | held-out (mean) | held-out (worst layer) | teacher perplexity through the fits |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for f in floors:
